@@ -1,0 +1,81 @@
+"""Labeled message streams to model inputs through the live feature path."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from converters.ton_iot import LabeledMessage
+from sidecar.features import CNN_CHANNELS, FEATURE_NAMES, DeviceState, FeatureSpec
+from sidecar.payload import parse_payload
+
+__all__ = ["WindowSet", "build_windows"]
+
+
+@dataclass(frozen=True)
+class WindowSet:
+    """Every scored window of a set of streams, with its ground truth.
+
+    Row i describes the window that ended with one message: the features both
+    models read, that message's label and attack type, its device, its time
+    and its position in the device's stream (0-based, counting every message,
+    warm-up included, exactly as the live sidecar's `seq` counts).
+    """
+
+    vectors: npt.NDArray[np.float32]
+    windows: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.int64]
+    attack_types: npt.NDArray[np.str_]
+    devices: npt.NDArray[np.str_]
+    times: npt.NDArray[np.float64]
+    seqs: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def build_windows(
+    streams: Mapping[str, Sequence[LabeledMessage]],
+    spec: FeatureSpec,
+    max_payload_bytes: int = 65536,
+) -> WindowSet:
+    """Replay each device's stream through a fresh `DeviceState`.
+
+    Windows inside the warm-up are not scored, as in the live sidecar.
+    """
+    vectors: list[npt.NDArray[np.float32]] = []
+    windows: list[npt.NDArray[np.float32]] = []
+    labels: list[int] = []
+    attack_types: list[str] = []
+    devices: list[str] = []
+    times: list[float] = []
+    seqs: list[int] = []
+    for device, messages in streams.items():
+        state = DeviceState(spec)
+        for seq, item in enumerate(messages):
+            message = item.message
+            readings = parse_payload(message.payload, max_bytes=max_payload_bytes)
+            state.update(readings, len(message.payload), message.received_at)
+            if not state.ready:
+                continue
+            features = state.features()
+            vectors.append(features.vector)
+            windows.append(features.window)
+            labels.append(item.label)
+            attack_types.append(item.attack_type)
+            devices.append(device)
+            times.append(message.received_at)
+            seqs.append(seq)
+    n_channels, length = len(CNN_CHANNELS), spec.window
+    return WindowSet(
+        vectors=np.array(vectors, dtype=np.float32).reshape(-1, len(FEATURE_NAMES)),
+        windows=np.array(windows, dtype=np.float32).reshape(-1, n_channels, length),
+        labels=np.array(labels, dtype=np.int64),
+        attack_types=np.array(attack_types, dtype=np.str_),
+        devices=np.array(devices, dtype=np.str_),
+        times=np.array(times, dtype=np.float64),
+        seqs=np.array(seqs, dtype=np.int64),
+    )

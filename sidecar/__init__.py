@@ -1,0 +1,1 @@
+"""Real-time anomaly detection sidecar for MQTT IoT networks."""

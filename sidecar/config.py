@@ -1,0 +1,364 @@
+"""Load and validate the YAML configuration into frozen, typed settings."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sidecar.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MODELS_DIR",
+    "DEFAULT_TOPIC_RULES",
+    "BrokerSettings",
+    "DetectionSettings",
+    "LimitSettings",
+    "LoggingSettings",
+    "ModelSettings",
+    "OutputSettings",
+    "Settings",
+    "SubscribeSettings",
+    "TlsSettings",
+    "TopicRule",
+    "load_settings",
+    "settings_from_mapping",
+]
+
+# Secrets may come from the environment instead of the file; nothing else does.
+ENV_USERNAME = "ANOMALY_SIDECAR_USERNAME"
+ENV_PASSWORD = "ANOMALY_SIDECAR_PASSWORD"  # noqa: S105 - a variable name, not a secret
+# The shipped models live beside the packages in a source checkout or image.
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# MQTT 3.1.1 section 1.5.3: topics are UTF-8 strings of at most 65535 bytes.
+MAX_TOPIC_BYTES = 65535
+# Long enough to name the value, short enough to keep a message readable.
+MAX_VALUE_REPR = 80
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsSettings(_Frozen):
+    """TLS to the broker: server verification and an optional client certificate."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            message = "cert_file and key_file must be given together"
+            raise ValueError(message)
+        return self
+
+
+class BrokerSettings(_Frozen):
+    """Where the broker is and how to log in to it."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    client_id: Annotated[str, Field(min_length=1, max_length=64)] = "anomaly-sidecar"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TlsSettings | None = None
+    # Mosquitto drops a client after 1.5 keepalives of silence (MQTT 3.1.1,
+    # section 3.1.2.10); 30 s keeps a hub's dead-peer detection under a minute.
+    keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+
+
+class SubscribeSettings(_Frozen):
+    """Which topics to consume. The output prefix is always excluded."""
+
+    include: Annotated[list[str], Field(min_length=1)] = ["#"]
+    exclude: list[str] = []
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _valid_filters(cls, filters: list[str]) -> list[str]:
+        for topic_filter in filters:
+            _check_filter(topic_filter)
+        return filters
+
+
+class OutputSettings(_Frozen):
+    """Where verdicts go."""
+
+    prefix: Annotated[str, Field(min_length=1, max_length=128)] = "anomalies"
+    qos: Literal[0, 1, 2] = 1
+    publish_scores: bool = False
+
+    @field_validator("prefix")
+    @classmethod
+    def _plain_prefix(cls, prefix: str) -> str:
+        if any(char in prefix for char in "+#\x00") or prefix.startswith("$"):
+            message = "must be a plain topic without wildcards, NUL or a leading $"
+            raise ValueError(message)
+        return prefix.rstrip("/")
+
+
+class TopicRule(_Frozen):
+    """One ordered rule mapping a topic to a device.
+
+    The first rule whose regular expression matches the whole topic decides.
+    Named groups fill the `device` and `channel` templates.
+    """
+
+    pattern: str
+    kind: Literal["telemetry", "availability", "ignore"] = "telemetry"
+    device: str = "{device}"
+    channel: str = ""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            message = f"not a valid regular expression ({err})"
+            raise ValueError(message) from err
+        return pattern
+
+    @model_validator(mode="after")
+    def _templates_use_groups(self) -> TopicRule:
+        if self.kind == "ignore":
+            return self
+        groups = set(re.compile(self.pattern).groupindex)
+        for name in ("device", "channel"):
+            for field_name in re.findall(r"{(\w+)}", getattr(self, name)):
+                if field_name not in groups:
+                    message = (
+                        f"{name} template uses {{{field_name}}} but the pattern "
+                        f"has no such named group (has: {sorted(groups) or 'none'})"
+                    )
+                    raise ValueError(message)
+        return self
+
+
+def _rule(pattern: str, kind: str = "telemetry", **templates: str) -> dict[str, str]:
+    return {"pattern": pattern, "kind": kind, **templates}
+
+
+# Defaults from the payload survey (shared/reference/payloads.md sections 1-6):
+# metadata and commands first, then availability, then telemetry per ecosystem,
+# then the generic `<prefix>/<device>/...` fallback.
+DEFAULT_TOPIC_RULES: list[dict[str, str]] = [
+    _rule(r"homeassistant/status", "ignore"),
+    _rule(r"homeassistant/.+/config", "ignore"),
+    _rule(r"zigbee2mqtt/bridge(/.*)?", "ignore"),
+    _rule(r"shellies/(announce|command)", "ignore"),
+    _rule(r"cmnd/.*", "ignore"),
+    _rule(r".*/(set|get|command)(/.*)?", "ignore"),
+    _rule(r"[^/]+/rpc", "ignore"),
+    _rule(r"frigate/(stats|events|available)", "ignore"),
+    _rule(r".+/debug", "ignore"),
+    _rule(r"zigbee2mqtt/(?P<device>.+)/availability", "availability"),
+    _rule(r"tele/(?P<device>[^/]+)/LWT", "availability"),
+    _rule(r"shellies/(?P<device>[^/]+)/online", "availability"),
+    _rule(r"(?P<device>[^/]+)/(online|status)", "availability"),
+    _rule(r"zigbee2mqtt/(?P<device>.+)", channel=""),
+    _rule(r"(tele|stat)/(?P<device>[^/]+)/(?P<channel>.+)", channel="{channel}"),
+    _rule(r"shellies/(?P<device>[^/]+)/(?P<channel>.+)", channel="{channel}"),
+    _rule(
+        r"(?P<device>shelly[^/]+)/(events/rpc|status/(?P<channel>.+))",
+        channel="{channel}",
+    ),
+    _rule(
+        r"homeassistant/(?P<domain>sensor|binary_sensor|switch|light|climate)"
+        r"/(?P<object>[^/]+)/state",
+        device="{domain}.{object}",
+    ),
+    _rule(
+        r"(?P<device>[^/]+)/(?P<channel>(sensor|binary_sensor|switch|text_sensor)"
+        r"/[^/]+)/state",
+        channel="{channel}",
+    ),
+    _rule(r"[^/$][^/]*/(?P<device>[^/]+)(/(?P<channel>.*))?", channel="{channel}"),
+]
+
+
+class LimitSettings(_Frozen):
+    """Bounds on everything that grows with traffic; each has a counter."""
+
+    queue_size: Annotated[int, Field(ge=1, le=10_000_000)] = 20_000
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 256
+    max_devices: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    max_payload_bytes: Annotated[int, Field(ge=16, le=268_435_455)] = 65_536
+    max_keys_per_device: Annotated[int, Field(ge=1, le=1024)] = 32
+
+
+class WindowSettings(_Frozen):
+    """Per-device rolling window; its length must match the shipped models."""
+
+    length: Annotated[int, Field(ge=4, le=4096)] = 32
+
+
+class ModelSettings(_Frozen):
+    """Which ONNX files to serve and how onnxruntime may use the CPU."""
+
+    directory: Path = DEFAULT_MODELS_DIR
+    rf: str = "rf.onnx"
+    cnn: str = "cnn.onnx"
+    # One thread and no spinning: two sessions share a small hub's cores with
+    # paho and numpy (onnxruntime issues 10273 and 17011; pitfalls.md #14).
+    intra_op_threads: Annotated[int, Field(ge=1, le=64)] = 1
+    inter_op_threads: Annotated[int, Field(ge=1, le=64)] = 1
+    allow_spinning: bool = False
+
+
+class DetectionSettings(_Frozen):
+    """Thresholds and the alarm lifecycle. Empty thresholds use the model card's."""
+
+    rf_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    cnn_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    alarm_after: Annotated[int, Field(ge=1, le=1000)] | None = None
+    clear_after: Annotated[int, Field(ge=1, le=100_000)] | None = None
+
+
+class LoggingSettings(_Frozen):
+    """How the process logs."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["keyvalue", "json"] = "keyvalue"
+
+
+class Settings(_Frozen):
+    """The whole validated configuration."""
+
+    broker: BrokerSettings = BrokerSettings()
+    subscribe: SubscribeSettings = SubscribeSettings()
+    output: OutputSettings = OutputSettings()
+    topics: Annotated[list[TopicRule], Field(min_length=1)] = [
+        TopicRule.model_validate(rule) for rule in DEFAULT_TOPIC_RULES
+    ]
+    limits: LimitSettings = LimitSettings()
+    window: WindowSettings = WindowSettings()
+    models: ModelSettings = ModelSettings()
+    detection: DetectionSettings = DetectionSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+def _check_filter(topic_filter: str) -> None:
+    if not topic_filter or len(topic_filter.encode()) > MAX_TOPIC_BYTES:
+        message = "a topic filter must be 1 to 65535 bytes"
+        raise ValueError(message)
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        # MQTT 3.1.1 section 4.7.1: `#` only as the last whole level, `+` whole.
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            message = f"'#' must be the last whole level in {topic_filter!r}"
+            raise ValueError(message)
+        if "+" in level and level != "+":
+            message = f"'+' must fill a whole level in {topic_filter!r}"
+            raise ValueError(message)
+
+
+def _describe_value(location: tuple[int | str, ...], value: Any) -> str:
+    if any("password" in str(part) for part in location):
+        return "'***'"
+    text = repr(value)
+    if len(text) > MAX_VALUE_REPR:
+        text = text[: MAX_VALUE_REPR - 3] + "..."
+    return text
+
+
+def _problems(err: ValidationError) -> list[str]:
+    problems = []
+    for error in err.errors(include_url=False):
+        location = tuple(error["loc"])
+        path = ".".join(str(part) for part in location) or "(top level)"
+        received = _describe_value(location, error.get("input"))
+        problems.append(f"{path}: {error['msg']} (got {received})")
+    return problems
+
+
+def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
+    """Validate an already parsed configuration document.
+
+    Args:
+        data: The parsed YAML document (a mapping, or None for an empty file).
+        source: Where the document came from, for error messages.
+
+    Returns:
+        The frozen settings.
+
+    Raises:
+        ConfigError: Listing every problem found, not only the first.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problem = f"(top level): must be a mapping of sections (got {type(data).__name__})"
+        raise ConfigError(source, [problem])
+    data = _with_secret_overrides(data)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, _problems(err)) from err
+
+
+def _with_secret_overrides(data: dict[str, Any]) -> dict[str, Any]:
+    username = os.environ.get(ENV_USERNAME)
+    password = os.environ.get(ENV_PASSWORD)
+    if username is None and password is None:
+        return data
+    broker = dict(data.get("broker") or {})
+    if username is not None:
+        broker["username"] = username
+    if password is not None:
+        broker["password"] = password
+    return {**data, "broker": broker}
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read and validate a YAML configuration file; None gives the defaults.
+
+    Relative model and TLS paths are resolved against the file's folder.
+
+    Raises:
+        ConfigError: If the file is unreadable, not YAML, or invalid.
+    """
+    if path is None:
+        return settings_from_mapping({}, "<defaults>")
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(source, [f"(file): cannot read it ({err})"]) from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(source, [f"(file): not valid YAML ({err})"]) from err
+    settings = settings_from_mapping(data, source)
+    return _resolve_paths(settings, path.parent)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    models = settings.models
+    if not models.directory.is_absolute():
+        models = models.model_copy(update={"directory": base / models.directory})
+    tls = settings.broker.tls
+    if tls is not None:
+        updates = {
+            name: base / value
+            for name in ("ca_file", "cert_file", "key_file")
+            if (value := getattr(tls, name)) is not None and not value.is_absolute()
+        }
+        tls = tls.model_copy(update=updates)
+    broker = settings.broker.model_copy(update={"tls": tls})
+    return settings.model_copy(update={"models": models, "broker": broker})
