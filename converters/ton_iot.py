@@ -76,7 +76,11 @@ class _Row:
 
 
 def device_name(path: Path) -> str:
-    """Return the device id a file stands for: `Train_Test_IoT_GPS_Tracker` -> `gps_tracker`."""
+    """Return the device id a file stands for.
+
+    >>> device_name(Path("Train_Test_IoT_GPS_Tracker.csv"))
+    'gps_tracker'
+    """
     stem = path.stem
     prefix = "Train_Test_IoT_"
     return (stem[len(prefix) :] if stem.startswith(prefix) else stem).lower()
@@ -123,7 +127,9 @@ def load_device_rows(path: Path) -> list[_Row]:
             clean = {name: (value or "").strip() for name, value in raw.items() if name}
             row = _Row(
                 ts=_timestamp(clean),
-                fields=tuple((name, _field_value(clean[name])) for name in value_columns),
+                fields=tuple(
+                    (name, _field_value(clean[name])) for name in value_columns
+                ),
                 label=int(clean["label"]),
                 attack_type=clean["type"].lower(),
             )

@@ -1,6 +1,6 @@
 """Train the RandomForest front filter and export it to ONNX.
 
-The forest reads the 23 features of `sidecar.features.FEATURE_NAMES` and
+The forest reads the feature vector of `sidecar.features.FEATURE_NAMES` and
 gives P(normal), P(anomaly). Two export traps are handled here:
 
 - Tree thresholds (pitfalls #15, scikit-learn #11165): scikit-learn compares
@@ -45,6 +45,9 @@ _LOG = logging.getLogger(__name__)
 RF_INPUT = "features"
 RF_OUTPUT = "probabilities"
 RF_LABEL_OUTPUT = "label"
+# skl2onnx names the graph with a random UUID unless told; a fixed name makes
+# two exports of one forest byte-identical.
+RF_GRAPH_NAME = "rf_front_filter"
 # Default ONNX domain opset: supported by onnxruntime since 1.13 and well
 # inside skl2onnx 1.20's tested range (up to 22).
 RF_OPSET = 17
@@ -58,10 +61,14 @@ RF_ML_OPSET = 3
 N_ESTIMATORS = 100
 MAX_DEPTH = 14
 MIN_SAMPLES_LEAF = 5
-# The sidecar's hubs have 2 cores; training uses both.
+# Training builds trees on both cores of a 2-core machine. Prediction runs on
+# one: with several, scikit-learn adds the trees' probabilities in whatever
+# order its threads finish, so the last bit changes from run to run.
 N_JOBS = 2
-# Attack and normal windows are far from even on some devices; weigh classes
-# by inverse frequency so neither side dominates the splits.
+PREDICT_N_JOBS = 1
+# The anomaly share differs between datasets and devices (TON_IoT train is
+# ~50 % overall); weighing classes by inverse frequency keeps either side from
+# dominating the splits when it is not.
 CLASS_WEIGHT = "balanced"
 # Column of P(anomaly) in `predict_proba` and in `RF_OUTPUT` (classes [0, 1]).
 _ANOMALY_COLUMN = 1
@@ -79,7 +86,8 @@ def train_rf(
         seed: Seeds bootstrap sampling and feature choice.
 
     Returns:
-        The fitted forest; its classes are [0, 1].
+        The fitted forest; its classes are [0, 1] and it predicts on
+        `PREDICT_N_JOBS` threads, so its probabilities are reproducible.
 
     Raises:
         ValueError: If the labels do not hold both classes 0 and 1.
@@ -99,6 +107,7 @@ def train_rf(
         random_state=seed,
     )
     model.fit(features, targets)
+    model.set_params(n_jobs=PREDICT_N_JOBS)
     _LOG.info(
         "trained model=rf rows=%d features=%d anomaly_share=%.3f nodes=%d seed=%d",
         len(targets),
@@ -150,10 +159,10 @@ def rf_parity(
 ) -> ParityReport:
     """Compare scikit-learn and onnxruntime P(anomaly) on the given rows."""
     features = np.ascontiguousarray(vectors, dtype=np.float32)
+    # scikit-learn first: its error names a feature-count mismatch plainly.
+    reference = rf_scores(model, features)
     probabilities = run_session(open_session(path), RF_INPUT, RF_OUTPUT, features)
-    report = compare_scores(
-        rf_scores(model, features), probabilities[:, _ANOMALY_COLUMN]
-    )
+    report = compare_scores(reference, probabilities[:, _ANOMALY_COLUMN])
     _LOG.info(
         "parity model=rf rows=%d max_abs_diff=%.3g label_mismatch_rate=%.3g",
         report.n,
@@ -169,6 +178,7 @@ def _convert(model: RandomForestClassifier, n_features: int) -> bytes:
     options: dict[int, dict[str, Any]] = {id(model): {"zipmap": False}}
     onnx_model = convert_sklearn(
         model,
+        name=RF_GRAPH_NAME,
         initial_types=[(RF_INPUT, FloatTensorType([None, n_features]))],
         final_types=[
             (RF_LABEL_OUTPUT, Int64TensorType([None])),

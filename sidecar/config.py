@@ -39,7 +39,7 @@ __all__ = [
 
 # Secrets may come from the environment instead of the file; nothing else does.
 ENV_USERNAME = "ANOMALY_SIDECAR_USERNAME"
-ENV_PASSWORD = "ANOMALY_SIDECAR_PASSWORD"  # noqa: S105 - a variable name, not a secret
+ENV_PASSWORD = "ANOMALY_SIDECAR_PASSWORD"
 # The shipped models live beside the packages in a source checkout or image.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 # MQTT 3.1.1 section 1.5.3: topics are UTF-8 strings of at most 65535 bytes.
@@ -303,7 +303,9 @@ def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problem = f"(top level): must be a mapping of sections (got {type(data).__name__})"
+        problem = (
+            f"(top level): must be a mapping of sections (got {type(data).__name__})"
+        )
         raise ConfigError(source, [problem])
     data = _with_secret_overrides(data)
     try:

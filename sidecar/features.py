@@ -101,8 +101,8 @@ FEATURE_GROUPS: dict[str, str] = {
         for name in _KEY_FEATURES
     },
     **dict(_GLOBAL_FEATURES),
-    **{name: "timing" for name in _TIMING_FEATURES},
-    **{name: "size" for name in _SIZE_FEATURES},
+    **dict.fromkeys(_TIMING_FEATURES, "timing"),
+    **dict.fromkeys(_SIZE_FEATURES, "size"),
 }
 CNN_CHANNELS: tuple[str, ...] = (
     "value_dev_0",
@@ -115,7 +115,7 @@ CNN_CHANNELS: tuple[str, ...] = (
     "size_z",
 )
 CNN_CHANNEL_GROUPS: dict[str, str] = {
-    **{name: "shape" for name in CNN_CHANNELS[:6]},
+    **dict.fromkeys(CNN_CHANNELS[:6], "shape"),
     "gap_z": "timing",
     "size_z": "size",
 }
@@ -191,14 +191,20 @@ class FeatureSpec:
     def feature_mask(self) -> FloatArray:
         """Return 1 for each enabled RandomForest feature and 0 otherwise."""
         return np.array(
-            [FEATURE_GROUPS[name] not in self.disabled_groups for name in FEATURE_NAMES],
+            [
+                FEATURE_GROUPS[name] not in self.disabled_groups
+                for name in FEATURE_NAMES
+            ],
             dtype=np.float32,
         )
 
     def channel_mask(self) -> FloatArray:
         """Return 1 for each enabled CNN channel and 0 otherwise."""
         return np.array(
-            [CNN_CHANNEL_GROUPS[name] not in self.disabled_groups for name in CNN_CHANNELS],
+            [
+                CNN_CHANNEL_GROUPS[name] not in self.disabled_groups
+                for name in CNN_CHANNELS
+            ],
             dtype=np.float32,
         )
 
@@ -320,9 +326,7 @@ class DeviceState:
             if index is not None:
                 missing_now[index] = True
 
-        gap = (
-            received_at - self._last_time if self._last_time is not None else math.nan
-        )
+        gap = received_at - self._last_time if self._last_time is not None else math.nan
         self._last_time = received_at
         slot = self._pos
         self._values[slot] = self._current
@@ -418,7 +422,8 @@ class DeviceState:
     def _key_z(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         means = np.array([b.stats.mean for b in self._key_baselines])
         spreads = np.array([b.stats.spread() for b in self._key_baselines])
-        return (values - means) / spreads
+        z: npt.NDArray[np.float64] = (values - means) / spreads
+        return z
 
     def features(self) -> WindowFeatures:
         """Compute both models' inputs for the window as it stands now."""
@@ -426,7 +431,9 @@ class DeviceState:
         values, missing, times, sizes, bad = self._ordered()
         learned = np.array([b.stats.n >= 2 for b in self._key_baselines], dtype=bool)
         present = learned & ~np.all(np.isnan(values), axis=0)
-        per_key = self._per_key_features(values[:, present], missing[:, present], present)
+        per_key = self._per_key_features(
+            values[:, present], missing[:, present], present
+        )
 
         vector = np.zeros(len(FEATURE_NAMES), dtype=np.float64)
         n_key = len(_KEY_FEATURES)
@@ -483,7 +490,9 @@ class DeviceState:
         missing: npt.NDArray[np.float64],
         present: npt.NDArray[np.bool_],
     ) -> npt.NDArray[np.float64]:
-        baselines = [b for b, keep in zip(self._key_baselines, present, strict=True) if keep]
+        baselines = [
+            b for b, keep in zip(self._key_baselines, present, strict=True) if keep
+        ]
         if not baselines:
             return np.zeros((0, len(_KEY_FEATURES)))
         means = np.array([b.stats.mean for b in baselines])
@@ -501,7 +510,10 @@ class DeviceState:
         mean_z = np.abs(np.nansum(np.where(observed, z, 0.0), axis=0) / counts)
         max_z = np.nanmax(np.where(observed, abs_z, 0.0), axis=0)
         window_spread = np.sqrt(
-            np.nansum(np.where(observed, (values - np.nanmean(values, axis=0)) ** 2, 0.0), axis=0)
+            np.nansum(
+                np.where(observed, (values - np.nanmean(values, axis=0)) ** 2, 0.0),
+                axis=0,
+            )
             / counts
         )
         spread_ratio = np.log((window_spread + spreads) / (2.0 * spreads))

@@ -216,7 +216,9 @@ def _flatten(
             if name_text.lower() in ignored_keys:
                 continue
             child_key = f"{prefix}.{name_text}" if prefix else name_text
-            dropped += _flatten(child, child_key, values, missing, max_keys, ignored_keys)
+            dropped += _flatten(
+                child, child_key, values, missing, max_keys, ignored_keys
+            )
         return dropped
     if isinstance(node, list):
         if len(node) > MAX_ARRAY_ITEMS:
@@ -231,34 +233,32 @@ def _flatten(
 
     key = prefix or "value"
     reading = _leaf_value(node)
-    if reading is _MISSING:
-        missing.add(key)
-        return 0
     if reading is None:
+        return 0
+    if math.isnan(reading):
+        missing.add(key)
         return 0
     if key not in values and len(values) >= max_keys:
         return 1
-    values[key] = float(reading)
+    values[key] = reading
     return 0
 
 
-_MISSING = object()
-
-
-def _leaf_value(node: Any) -> float | object | None:
+def _leaf_value(node: Any) -> float | None:
+    """Return a leaf's number, NaN for a failed reading, None for non-numbers."""
     if node is None:
-        return _MISSING
+        return math.nan
     if isinstance(node, bool):
         return 1.0 if node else 0.0
     if isinstance(node, int | float):
         try:
             number = float(node)
         except OverflowError:
-            return _MISSING
-        return number if math.isfinite(number) else _MISSING
+            return math.nan
+        return number if math.isfinite(number) else math.nan
     if isinstance(node, str):
         scalar = _parse_scalar(node, "value")
         if scalar.missing:
-            return _MISSING
+            return math.nan
         return scalar.values.get("value")
     return None

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 from sidecar.config import TopicRule
 
-__all__ = ["Route", "RouteKind", "TopicRouter", "device_topic_segment"]
+__all__ = [
+    "Route",
+    "RouteKind",
+    "TopicRouter",
+    "device_topic_segment",
+    "filter_matches",
+]
 
 # Device segments keep a readable, wildcard-free alphabet; anything else
 # becomes `_`. Long names are cut and suffixed with a digest so that two long
@@ -56,15 +62,23 @@ class TopicRouter:
 
     >>> from sidecar.config import Settings
     >>> router = TopicRouter(Settings().topics, output_prefix="anomalies")
-    >>> router.route("zigbee2mqtt/kitchen/floor_light")
-    Route(kind=<RouteKind.TELEMETRY: 'telemetry'>, device='kitchen/floor_light', channel='')
+    >>> router.route("zigbee2mqtt/kitchen/floor_light").device
+    'kitchen/floor_light'
+    >>> router.route("tele/plug_a/SENSOR").channel
+    'SENSOR'
     >>> router.route("anomalies/kitchen_floor_light").kind
     <RouteKind.OWN_OUTPUT: 'own_output'>
     """
 
-    def __init__(self, rules: Sequence[TopicRule], output_prefix: str) -> None:
+    def __init__(
+        self,
+        rules: Sequence[TopicRule],
+        output_prefix: str,
+        exclude: Sequence[str] = (),
+    ) -> None:
         self._rules = [(re.compile(rule.pattern), rule) for rule in rules]
         self._output_prefix = output_prefix
+        self._exclude = tuple(exclude)
 
     def is_own_output(self, topic: str) -> bool:
         """Return whether a topic is under the sidecar's output prefix."""
@@ -75,6 +89,8 @@ class TopicRouter:
         """Classify one topic."""
         if self.is_own_output(topic):
             return _OWN
+        if any(filter_matches(topic_filter, topic) for topic_filter in self._exclude):
+            return _IGNORE
         for pattern, rule in self._rules:
             match = pattern.fullmatch(topic)
             if match is None:
@@ -100,7 +116,7 @@ def device_topic_segment(device: str) -> str:
     >>> device_topic_segment("kitchen/floor_light")
     'kitchen_floor_light'
     >>> device_topic_segment("../+/#")
-    'x.._____'
+    'x..____'
     """
     segment = _UNSAFE_SEGMENT_CHARS.sub("_", device) or "unnamed"
     if segment[0] in (RESERVED_SEGMENT_PREFIX, "."):
@@ -109,3 +125,29 @@ def device_topic_segment(device: str) -> str:
         digest = hashlib.sha256(device.encode()).hexdigest()[:DIGEST_CHARS]
         segment = f"{segment[: MAX_SEGMENT_CHARS - DIGEST_CHARS - 1]}-{digest}"
     return segment
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """Return whether a topic matches an MQTT subscription filter.
+
+    Follows MQTT 3.1.1 section 4.7: `+` fills one level, a trailing `#` any
+    number of levels including none, and topics starting with `$` are not
+    matched by a filter starting with a wildcard.
+
+    >>> filter_matches("anomalies/#", "anomalies")
+    True
+    >>> filter_matches("+/status", "$SYS/status")
+    False
+    """
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels):
+            return False
+        if level not in ("+", topic_levels[index]):
+            return False
+    return len(filter_levels) == len(topic_levels)

@@ -1,0 +1,303 @@
+"""Score the shipped models on a held-out split, in process or through a broker.
+
+Three detectors are scored side by side on the same windows:
+- `hybrid`: the live cascade with its alarm lifecycle; a window counts as
+  flagged while its device is in alarm; ranked by the fused score.
+- `rf`: the RandomForest alone, each window against its own tuned threshold.
+- `cnn`: the CNN alone on every window, against its own tuned threshold.
+
+Metrics are per scored window (one per message after a device's warm-up).
+Detection delay is measured per attack episode (a contiguous run of one
+attack type on one device) from its first message to its first flagged
+window, in the data's own time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from converters.dataset import WindowSet, build_windows
+from converters.replay import interleave, replay
+from converters.ton_iot import LabeledMessage
+from sidecar.config import Settings
+from sidecar.detector import LoadedModels
+from sidecar.mqtt import MqttAdapter
+from sidecar.pipeline import WindowScore
+from sidecar.service import SCORES_LEVEL, Service, build_pipeline
+from sidecar.stream import Message
+
+__all__ = [
+    "DETECTORS",
+    "EvaluationInputs",
+    "detector_metrics",
+    "evaluate_offline",
+    "evaluate_through_broker",
+    "format_table",
+]
+
+_LOG = logging.getLogger(__name__)
+
+DETECTORS = ("hybrid", "rf", "cnn")
+# Messages per second when replaying through a broker: well under what the
+# sidecar processes, so nothing is shed and both runs see the same windows.
+BROKER_REPLAY_RATE = 1500.0
+# After the replay, scores still in flight get this long to arrive.
+SCORE_SETTLE_S = 20.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """The labeled windows of a split and every detector's view of them."""
+
+    windows: WindowSet
+    scores: dict[str, npt.NDArray[np.float64]]
+    flags: dict[str, npt.NDArray[np.bool_]]
+
+
+def _episodes(windows: WindowSet) -> list[npt.NDArray[np.int64]]:
+    """Index arrays of each contiguous attack run of one type on one device."""
+    episodes: list[npt.NDArray[np.int64]] = []
+    for device in np.unique(windows.devices):
+        rows = np.flatnonzero(windows.devices == device)
+        rows = rows[np.argsort(windows.seqs[rows], kind="stable")]
+        start = None
+        for position, row in enumerate(rows):
+            attack = windows.labels[row] == 1
+            same = (
+                start is not None
+                and windows.attack_types[row] == windows.attack_types[rows[start]]
+            )
+            if attack and not same:
+                if start is not None:
+                    episodes.append(rows[start:position])
+                start = position
+            elif not attack and start is not None:
+                episodes.append(rows[start:position])
+                start = None
+        if start is not None:
+            episodes.append(rows[start:])
+    return episodes
+
+
+def detector_metrics(
+    windows: WindowSet,
+    flags: npt.NDArray[np.bool_],
+    scores: npt.NDArray[np.float64],
+) -> dict[str, Any]:
+    """Accuracy, precision, recall, F1, FPR, ROC AUC, per-type recall, delay."""
+    labels = windows.labels
+    negatives = labels == 0
+    fpr = float(np.mean(flags[negatives])) if negatives.any() else float("nan")
+    per_type = {
+        str(kind): round(float(np.mean(flags[windows.attack_types == kind])), 4)
+        for kind in sorted(set(windows.attack_types[labels == 1].tolist()))
+    }
+    delays = []
+    detected = 0
+    episodes = _episodes(windows)
+    for rows in episodes:
+        hits = rows[flags[rows]]
+        if len(hits):
+            detected += 1
+            delays.append(float(windows.times[hits[0]] - windows.times[rows[0]]))
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "accuracy": round(float(accuracy_score(labels, flags)), 4),
+        "precision": round(float(precision_score(labels, flags, zero_division=0)), 4),
+        "recall": round(float(recall_score(labels, flags, zero_division=0)), 4),
+        "f1": round(float(f1_score(labels, flags, zero_division=0)), 4),
+        "fpr": round(fpr, 4),
+        "roc_auc": round(float(roc_auc_score(labels, scores)), 4)
+        if both_classes
+        else None,
+        "per_type_recall": per_type,
+        "median_delay_s": round(float(np.median(delays)), 2) if delays else None,
+        "episodes": len(episodes),
+        "episodes_detected": detected,
+        "windows": len(labels),
+        "attack_windows": int(labels.sum()),
+    }
+
+
+def _standalone_scores(
+    models: LoadedModels, windows: WindowSet
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    rf = models.rf.score(windows.vectors).astype(np.float64)
+    cnn = np.concatenate(
+        [
+            models.cnn.score(windows.windows[start : start + 4096])
+            for start in range(0, max(len(windows), 1), 4096)
+        ]
+    ).astype(np.float64)
+    return rf, cnn
+
+
+def _hybrid_in_process(
+    settings: Settings,
+    models: LoadedModels,
+    streams: Mapping[str, Sequence[LabeledMessage]],
+) -> dict[tuple[str, int], WindowScore]:
+    """Run the live pipeline over the streams, without a broker."""
+    pipeline = build_pipeline(settings, models)
+    found: dict[tuple[str, int], WindowScore] = {}
+    batch_size = settings.limits.batch_size
+    ordered = [item.message for item in interleave(streams)]
+    for start in range(0, len(ordered), batch_size):
+        result = pipeline.process(ordered[start : start + batch_size])
+        for score in result.scores:
+            found[(score.device, score.seq)] = score
+    return found
+
+
+def _inputs_from_scores(
+    windows: WindowSet,
+    hybrid: Mapping[tuple[str, int], WindowScore],
+    rf: npt.NDArray[np.float64],
+    cnn: npt.NDArray[np.float64],
+    models: LoadedModels,
+) -> EvaluationInputs:
+    keys = list(zip(windows.devices.tolist(), windows.seqs.tolist(), strict=True))
+    missing = sum(1 for key in keys if key not in hybrid)
+    if missing:
+        _LOG.warning(
+            "windows without a hybrid score missing=%d of=%d", missing, len(keys)
+        )
+    fused = np.array([hybrid[key].fused if key in hybrid else 0.0 for key in keys])
+    alarm = np.array([hybrid[key].in_alarm if key in hybrid else False for key in keys])
+    return EvaluationInputs(
+        windows=windows,
+        scores={"hybrid": fused, "rf": rf, "cnn": cnn},
+        flags={
+            "hybrid": alarm,
+            "rf": rf > models.rf.card.threshold("alone"),
+            "cnn": cnn > models.cnn.card.threshold("alone"),
+        },
+    )
+
+
+def evaluate_offline(
+    settings: Settings,
+    models: LoadedModels,
+    streams: Mapping[str, Sequence[LabeledMessage]],
+) -> EvaluationInputs:
+    """Score every detector on the streams through the in-process pipeline."""
+    windows = build_windows(streams, models.spec, settings.limits.max_payload_bytes)
+    rf, cnn = _standalone_scores(models, windows)
+    hybrid = _hybrid_in_process(settings, models, streams)
+    return _inputs_from_scores(windows, hybrid, rf, cnn, models)
+
+
+class _ScoreCollector:
+    """Subscribe to the sidecar's score topics and keep each window's scores."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.scores: dict[tuple[str, int], WindowScore] = {}
+        self.lock = threading.Lock()
+        self._prefix = f"{settings.output.prefix}/{SCORES_LEVEL}/"
+        broker = settings.broker.model_copy(
+            update={"client_id": f"{settings.broker.client_id}-scores"}
+        )
+        self.adapter = MqttAdapter(broker, [self._prefix + "#"], None, self._on_message)
+
+    def _on_message(self, message: Message) -> None:
+        document = json.loads(message.payload)
+        device = str(document["device"])
+        cnn = document["cnn"]
+        score = WindowScore(
+            device=device,
+            seq=int(document["seq"]),
+            topic=message.topic,
+            received_at=message.received_at,
+            rf=float(document["rf"]),
+            cnn=float("nan") if cnn is None else float(cnn),
+            fused=float(document["fused"]),
+            confirmed=bool(document["confirmed"]),
+            in_alarm=bool(document["in_alarm"]),
+        )
+        with self.lock:
+            self.scores[(device, score.seq)] = score
+
+
+def evaluate_through_broker(
+    settings: Settings,
+    models: LoadedModels,
+    streams: Mapping[str, Sequence[LabeledMessage]],
+    rate: float = BROKER_REPLAY_RATE,
+) -> tuple[EvaluationInputs, dict[str, int]]:
+    """Replay the streams into the configured broker and score what comes back.
+
+    The sidecar runs as in production (its own MQTT connection, queue and
+    worker) with per-window scores published, which a collector reads back.
+
+    Returns:
+        The evaluation inputs and the sidecar's counters after the run.
+    """
+    settings = settings.model_copy(
+        update={"output": settings.output.model_copy(update={"publish_scores": True})}
+    )
+    collector = _ScoreCollector(settings)
+    collector.adapter.start()
+    service = Service(settings, models)
+    service.start()
+    if not (
+        collector.adapter.subscribed.wait(CONNECT_TIMEOUT_S)
+        and service.adapter.subscribed.wait(CONNECT_TIMEOUT_S)
+    ):
+        service.stop()
+        collector.adapter.stop()
+        message = f"cannot reach broker {settings.broker.host}:{settings.broker.port}"
+        raise ConnectionError(message)
+
+    ordered = list(interleave(streams))
+    replay(settings.broker, ordered, rate)
+    windows = build_windows(streams, models.spec, settings.limits.max_payload_bytes)
+    deadline = time.monotonic() + SCORE_SETTLE_S
+    while time.monotonic() < deadline:
+        with collector.lock:
+            if len(collector.scores) >= len(windows):
+                break
+        time.sleep(0.2)
+    service.stop()
+    collector.adapter.stop()
+
+    rf, cnn = _standalone_scores(models, windows)
+    inputs = _inputs_from_scores(windows, collector.scores, rf, cnn, models)
+    return inputs, service.counters
+
+
+def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Render the detectors' headline metrics side by side as text."""
+    columns = (
+        "accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "fpr",
+        "roc_auc",
+        "median_delay_s",
+    )
+    lines = ["detector  " + "  ".join(f"{name:>14}" for name in columns)]
+    for detector, metrics in results.items():
+        cells = []
+        for name in columns:
+            value = metrics.get(name)
+            cells.append(f"{'-' if value is None else value:>14}")
+        lines.append(f"{detector:<8}  " + "  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""The `anomaly-sidecar` command line: run, demo, evaluate and train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from sidecar.config import Settings, load_settings
+from sidecar.detector import load_cascade
+from sidecar.errors import ConfigError, SidecarError
+from sidecar.logs import configure_logging
+
+__all__ = ["main"]
+
+_LOG = logging.getLogger(__name__)
+
+# Exit codes: 2 is argparse's own for usage errors, so config errors share it.
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anomaly-sidecar",
+        description="Real-time anomaly detection beside an MQTT broker.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="watch a broker and publish verdicts")
+    run.add_argument("--config", type=Path, help="YAML configuration file")
+
+    demo = commands.add_parser(
+        "demo", help="embedded broker + sidecar + replayed data, ends by itself"
+    )
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA / "ton_iot_telemetry",
+        help="TON_IoT folder; the built-in simulation is used when it is absent",
+    )
+    demo.add_argument("--rate", type=float, default=250.0, help="messages per second")
+
+    evaluate = commands.add_parser("evaluate", help="score the models on held-out data")
+    evaluate.add_argument("--dataset", choices=["ton_iot", "simulation"], required=True)
+    evaluate.add_argument("--data", type=Path, help="the dataset's folder")
+    evaluate.add_argument("--json", type=Path, help="write the results here")
+    evaluate.add_argument("--config", type=Path, help="YAML configuration file")
+    evaluate.add_argument(
+        "--broker", help="HOST:PORT: replay through this broker, end to end"
+    )
+    evaluate.add_argument(
+        "--split", choices=["validation", "test"], default="test", help="which part"
+    )
+
+    train = commands.add_parser("train", help="train and export both models")
+    train.add_argument("--dataset", choices=["ton_iot"], required=True)
+    train.add_argument("--data", type=Path, required=True)
+    train.add_argument("--out", type=Path, default=Path("models"))
+    train.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _settings(path: Path | None) -> Settings:
+    settings = load_settings(path)
+    configure_logging(settings.logging.level, settings.logging.format)
+    return settings
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sidecar.service import Service
+
+    settings = _settings(args.config)
+    models = load_cascade(settings.models, settings.detection, settings.window.length)
+    service = Service(settings, models)
+    stop = threading.Event()
+
+    def _request_stop(signum: int, _frame: FrameType | None) -> None:
+        _LOG.info("stopping signal=%s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _request_stop)
+    signal.signal(signal.SIGINT, _request_stop)
+    service.start()
+    stop.wait()
+    service.stop()
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from converters.cli import evaluate_command
+
+    return evaluate_command(args, _settings(args.config))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from converters.demo import run_demo
+
+    settings = _settings(None)
+    return run_demo(settings, args.data, args.rate, sys.stdout)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from converters.train import train_command
+
+    _settings(None)
+    return train_command(args.data, args.out, args.seed)
+
+
+_COMMANDS = {"run": _run, "evaluate": _evaluate, "demo": _demo, "train": _train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run one command; return the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as err:
+        # A user error: the message lists every problem; no traceback.
+        sys.stderr.write(f"anomaly-sidecar: {err}\n")
+        return EXIT_CONFIG
+    except SidecarError as err:
+        sys.stderr.write(f"anomaly-sidecar: {err}\n")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

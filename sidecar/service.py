@@ -1,0 +1,209 @@
+"""Orchestration: the bounded queue, the worker and verdict publishing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from sidecar.config import Settings
+from sidecar.detector import LoadedModels
+from sidecar.mqtt import MqttAdapter
+from sidecar.pipeline import BatchResult, Pipeline, WindowScore
+from sidecar.stream import Message
+from sidecar.topics import TopicRouter, device_topic_segment
+from sidecar.verdicts import AlarmLifecycle, Verdict
+
+__all__ = ["Service", "build_pipeline", "score_topic", "status_topic", "verdict_topic"]
+
+_LOG = logging.getLogger(__name__)
+
+# The worker wakes this often when idle, to notice a stop request.
+IDLE_POLL_S = 0.2
+# Counters are logged at INFO this often.
+STATS_INTERVAL_S = 60.0
+# Reserved levels under the output prefix; device segments never start with
+# `_` (see topics.device_topic_segment), so they cannot collide.
+STATUS_LEVEL = "_status"
+SCORES_LEVEL = "_scores"
+
+
+def status_topic(prefix: str) -> str:
+    """The retained online/offline topic of the sidecar."""
+    return f"{prefix}/{STATUS_LEVEL}"
+
+
+def verdict_topic(prefix: str, device: str) -> str:
+    """The topic a device's verdicts are published on."""
+    return f"{prefix}/{device_topic_segment(device)}"
+
+
+def score_topic(prefix: str, device: str) -> str:
+    """The topic a device's per-window scores go to when enabled."""
+    return f"{prefix}/{SCORES_LEVEL}/{device_topic_segment(device)}"
+
+
+def build_pipeline(settings: Settings, models: LoadedModels) -> Pipeline:
+    """Wire a pipeline from validated settings and loaded models."""
+    router = TopicRouter(
+        settings.topics, settings.output.prefix, settings.subscribe.exclude
+    )
+    lifecycle = AlarmLifecycle(models.alarm_after, models.clear_after)
+    return Pipeline(
+        router, models.cascade, models.spec, lifecycle, settings.limits, models.versions
+    )
+
+
+class Service:
+    """Run the sidecar: MQTT in, bounded queue, batched worker, verdicts out.
+
+    When the queue is full the oldest waiting message is dropped and counted
+    as shed, so latency stays bounded and the newest data wins.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: LoadedModels,
+        on_verdict: Callable[[Verdict], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pipeline = build_pipeline(settings, models)
+        self._queue: queue.Queue[Message] = queue.Queue(settings.limits.queue_size)
+        self._stop = threading.Event()
+        self._on_verdict = on_verdict
+        self._shed_lock = threading.Lock()
+        self.adapter = MqttAdapter(
+            settings.broker,
+            settings.subscribe.include,
+            status_topic(settings.output.prefix),
+            self.enqueue,
+        )
+        self._worker = threading.Thread(
+            target=self._work, name="sidecar-worker", daemon=True
+        )
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """A snapshot of every counter, plus queue depth and devices tracked."""
+        snapshot = self.pipeline.counters.as_dict()
+        snapshot["queue_depth"] = self._queue.qsize()
+        snapshot["devices_tracked"] = self.pipeline.devices_tracked
+        return snapshot
+
+    def enqueue(self, message: Message) -> None:
+        """Put a message on the queue without blocking (paho's thread calls this)."""
+        counters = self.pipeline.counters
+        counters.received += 1
+        try:
+            self._queue.put_nowait(message)
+        except queue.Full:
+            with self._shed_lock:
+                try:
+                    self._queue.get_nowait()
+                    counters.shed += 1
+                except queue.Empty:
+                    pass
+                try:
+                    self._queue.put_nowait(message)
+                except queue.Full:
+                    counters.shed += 1
+
+    def start(self) -> None:
+        """Start the worker and connect to the broker."""
+        self._worker.start()
+        self.adapter.start()
+
+    def stop(self) -> None:
+        """Drain what is queued, publish it, say offline and disconnect."""
+        self._stop.set()
+        self._worker.join()
+        self.adapter.stop()
+        _LOG.info("stopped %s", _format_counters(self.counters))
+
+    def _work(self) -> None:
+        batch_size = self.settings.limits.batch_size
+        last_stats = time.monotonic()
+        while True:
+            batch = self._next_batch(batch_size)
+            if batch:
+                self._handle(batch)
+            elif self._stop.is_set():
+                return
+            if time.monotonic() - last_stats >= STATS_INTERVAL_S:
+                last_stats = time.monotonic()
+                _LOG.info("stats %s", _format_counters(self.counters))
+
+    def _next_batch(self, batch_size: int) -> list[Message]:
+        try:
+            first = self._queue.get(timeout=IDLE_POLL_S)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _handle(self, batch: list[Message]) -> None:
+        try:
+            result = self.pipeline.process(batch)
+        except Exception:  # noqa: BLE001 - the worker must outlive any one batch
+            # A bug must not kill the worker: the batch is counted and logged
+            # with its traceback, and the next one is processed.
+            self.pipeline.counters.worker_errors += 1
+            _LOG.exception("batch failed size=%d", len(batch))
+            return
+        self._publish(result)
+
+    def _publish(self, result: BatchResult) -> None:
+        output = self.settings.output
+        for verdict in result.verdicts:
+            topic = verdict_topic(output.prefix, verdict.device)
+            outcome = self.adapter.publish(
+                topic, verdict.to_json(), output.qos, retain=True
+            )
+            if not outcome.accepted:
+                self.pipeline.counters.publish_failures += 1
+                _LOG.error(
+                    "verdict not published topic=%s error=%s", topic, outcome.error
+                )
+            _LOG.info(
+                "verdict device=%r state=%s score=%.3f reason=%r",
+                verdict.device,
+                verdict.state.value,
+                verdict.score,
+                verdict.reason(),
+            )
+            if self._on_verdict is not None:
+                self._on_verdict(verdict)
+        if output.publish_scores:
+            for score in result.scores:
+                self.adapter.publish(
+                    score_topic(output.prefix, score.device),
+                    _score_json(score),
+                    output.qos,
+                )
+
+
+def _score_json(score: WindowScore) -> bytes:
+    document = {
+        "device": score.device,
+        "seq": score.seq,
+        "rf": round(score.rf, 6),
+        "cnn": None if math.isnan(score.cnn) else round(score.cnn, 6),
+        "fused": round(score.fused, 6),
+        "confirmed": score.confirmed,
+        "in_alarm": score.in_alarm,
+    }
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _format_counters(counters: dict[str, int]) -> str:
+    return " ".join(f"{name}={value}" for name, value in counters.items())
