@@ -1,0 +1,1 @@
+"""Training, export, evaluation and replay: the offline half of the sidecar."""

@@ -44,6 +44,8 @@ ENV_PASSWORD = "ANOMALY_SIDECAR_PASSWORD"
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 # MQTT 3.1.1 section 1.5.3: topics are UTF-8 strings of at most 65535 bytes.
 MAX_TOPIC_BYTES = 65535
+# Keys whose values are never echoed in an error, however they are spelled.
+_SECRET_WORDS = re.compile(r"pass|secret|token|key", re.IGNORECASE)
 # Long enough to name the value, short enough to keep a message readable.
 MAX_VALUE_REPR = 80
 
@@ -158,6 +160,7 @@ def _rule(pattern: str, kind: str = "telemetry", **templates: str) -> dict[str, 
 # metadata and commands first, then availability, then telemetry per ecosystem,
 # then the generic `<prefix>/<device>/...` fallback.
 DEFAULT_TOPIC_RULES: list[dict[str, str]] = [
+    _rule(r"\$.*", "ignore"),
     _rule(r"homeassistant/status", "ignore"),
     _rule(r"homeassistant/.+/config", "ignore"),
     _rule(r"zigbee2mqtt/bridge(/.*)?", "ignore"),
@@ -226,6 +229,7 @@ class DetectionSettings(_Frozen):
 
     rf_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     cnn_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    fused_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     alarm_after: Annotated[int, Field(ge=1, le=1000)] | None = None
     clear_after: Annotated[int, Field(ge=1, le=100_000)] | None = None
 
@@ -269,12 +273,35 @@ def _check_filter(topic_filter: str) -> None:
 
 
 def _describe_value(location: tuple[int | str, ...], value: Any) -> str:
-    if any("password" in str(part) for part in location):
+    if any(_SECRET_WORDS.search(str(part)) for part in location):
         return "'***'"
     text = repr(value)
     if len(text) > MAX_VALUE_REPR:
         text = text[: MAX_VALUE_REPR - 3] + "..."
     return text
+
+
+def _section_model(location: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """Return the settings class that holds the last key of a location."""
+    model: type[BaseModel] = Settings
+    for part in location[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [
+            item
+            for candidate in candidates
+            for item in (candidate, *getattr(candidate, "__args__", ()))
+            if isinstance(item, type) and issubclass(item, BaseModel)
+        ]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
 
 
 def _problems(err: ValidationError) -> list[str]:
@@ -283,7 +310,13 @@ def _problems(err: ValidationError) -> list[str]:
         location = tuple(error["loc"])
         path = ".".join(str(part) for part in location) or "(top level)"
         received = _describe_value(location, error.get("input"))
-        problems.append(f"{path}: {error['msg']} (got {received})")
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            model = _section_model(location)
+            if model is not None:
+                allowed = ", ".join(model.model_fields)
+                message = f"unknown key; allowed keys here: {allowed}"
+        problems.append(f"{path}: {message} (got {received})")
     return problems
 
 
@@ -317,9 +350,13 @@ def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
 def _with_secret_overrides(data: dict[str, Any]) -> dict[str, Any]:
     username = os.environ.get(ENV_USERNAME)
     password = os.environ.get(ENV_PASSWORD)
-    if username is None and password is None:
+    section = data.get("broker")
+    if (username is None and password is None) or not (
+        section is None or isinstance(section, dict)
+    ):
+        # A malformed section is left as it is for validation to report.
         return data
-    broker = dict(data.get("broker") or {})
+    broker = dict(section or {})
     if username is not None:
         broker["username"] = username
     if password is not None:

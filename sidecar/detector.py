@@ -185,7 +185,12 @@ class CascadeScores:
 
 
 class Cascade:
-    """RandomForest front filter on every window; CNN confirmer on what it flags."""
+    """RandomForest front filter on every window; CNN confirmer on what it flags.
+
+    A window is confirmed when the RF flags it (above `rf_threshold`), the
+    CNN scores it above `cnn_threshold`, and the two agree strongly enough
+    that their mean is above `fused_threshold`.
+    """
 
     def __init__(
         self,
@@ -193,11 +198,13 @@ class Cascade:
         cnn: Scorer,
         rf_threshold: Threshold,
         cnn_threshold: Threshold,
+        fused_threshold: Threshold,
     ) -> None:
         self.rf = rf
         self.cnn = cnn
         self.rf_threshold = rf_threshold
         self.cnn_threshold = cnn_threshold
+        self.fused_threshold = fused_threshold
 
     def score(self, vectors: FloatArray, windows: FloatArray) -> CascadeScores:
         """Score a batch: feature vectors (n, F) and raw windows (n, C, W)."""
@@ -206,9 +213,15 @@ class Cascade:
         cnn = np.full(len(rf), np.nan, dtype=np.float32)
         if flagged.any():
             cnn[flagged] = self.cnn.score(windows[flagged])
-        confirmed = flagged & self.cnn_threshold.decide(np.nan_to_num(cnn))
-        fused = np.where(flagged, (rf + np.nan_to_num(cnn)) / 2.0, rf / 2.0)
-        return CascadeScores(rf, cnn, fused.astype(np.float32), confirmed)
+        fused = np.where(flagged, (rf + np.nan_to_num(cnn)) / 2.0, rf / 2.0).astype(
+            np.float32
+        )
+        confirmed = (
+            flagged
+            & self.cnn_threshold.decide(np.nan_to_num(cnn))
+            & self.fused_threshold.decide(fused)
+        )
+        return CascadeScores(rf, cnn, fused, confirmed)
 
 
 @dataclass(frozen=True)
@@ -252,18 +265,16 @@ def load_cascade(
         )
         raise ModelLoadError(str(rf.path), reason)
 
-    rf_threshold = detection.rf_threshold
-    cnn_threshold = detection.cnn_threshold
+    def chosen(configured: float | None, card: ModelCard, use: str) -> Threshold:
+        return Threshold(card.threshold(use) if configured is None else configured)
+
     card_alarm_after, card_clear_after = cnn.card.lifecycle()
     cascade = Cascade(
         rf,
         cnn,
-        Threshold(
-            rf.card.threshold("cascade") if rf_threshold is None else rf_threshold
-        ),
-        Threshold(
-            cnn.card.threshold("cascade") if cnn_threshold is None else cnn_threshold
-        ),
+        chosen(detection.rf_threshold, rf.card, "cascade"),
+        chosen(detection.cnn_threshold, cnn.card, "cascade"),
+        chosen(detection.fused_threshold, cnn.card, "fused"),
     )
     return LoadedModels(
         cascade=cascade,

@@ -135,6 +135,11 @@ ABSOLUTE_SPREAD_FLOOR = 1e-6
 # Readings within this share of the learned range beyond its ends still count
 # as in range.
 RANGE_MARGIN = 0.05
+# Readings are clipped to this magnitude before they are stored or learned,
+# so squares and products stay finite in float64 (a hostile 1e300 would
+# otherwise make a key's spread infinite for good). No sensor reading in the
+# payload survey comes near it; energy counters reach about 1e9.
+MAX_READING = 1e12
 # Message gaps below a millisecond are one burst; the log needs a floor.
 MIN_GAP_S = 1e-3
 _BAD_KINDS = frozenset(
@@ -315,7 +320,7 @@ class DeviceState:
         for key, value in readings.values.items():
             index = self._key_index(key)
             if index is not None:
-                self._current[index] = value
+                self._current[index] = min(max(value, -MAX_READING), MAX_READING)
         for key in readings.missing:
             index = self._key_index(key)
             if index is not None:
@@ -362,10 +367,11 @@ class DeviceState:
         if not warming and not self._usual(readings, size, gap):
             return
         previous = self._values[(self._pos - 2) % spec.window]
-        for key, value in readings.values.items():
+        for key in readings.values:
             index = self._keys.get(key)
             if index is None:
                 continue
+            value = float(self._current[index])
             baseline = self._key_baselines[index]
             baseline.stats.learn(value, spec.memory)
             if math.isnan(previous[index]):
@@ -386,10 +392,11 @@ class DeviceState:
         if limit <= 0:
             return False
         previous = self._values[(self._pos - 2) % self.spec.window]
-        for key, value in readings.values.items():
+        for key in readings.values:
             index = self._keys.get(key)
             if index is None:
                 continue
+            value = float(self._current[index])
             baseline = self._key_baselines[index]
             stats = baseline.stats
             if stats.n < 2:

@@ -45,9 +45,14 @@ DEFAULT_IGNORED_KEYS = frozenset(
     }
 )
 # A number, optionally followed by a unit glued on (`273600 seconds`, `21.5 °C`).
+# Written so that no two parts can match the same digits: an ambiguous
+# `\d+\.?\d*` backtracks quadratically on a long digit run.
 _NUMBER_WITH_UNIT = re.compile(
-    r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*[^\d\s]{0,12}\s*$"
+    r"^\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*[^\d\s]{0,12}\s*$"
 )
+# No reading needs more characters than this (a float64 prints in 24);
+# anything longer is text, and the regex never sees it.
+MAX_NUMBER_CHARS = 64
 # Small numeric arrays (Shelly `aenergy.by_minute`) become indexed keys; longer
 # ones (OwnTracks waypoints, bounding boxes of lists) are not telemetry levels.
 MAX_ARRAY_ITEMS = 8
@@ -152,6 +157,8 @@ def _parse_scalar(text: str, key: str) -> Readings:
 
 
 def _to_number(text: str) -> float | None:
+    if len(text) > MAX_NUMBER_CHARS:
+        return None
     match = _NUMBER_WITH_UNIT.match(text)
     if match is None:
         return None

@@ -1,0 +1,443 @@
+"""Specification of configuration loading: defaults, every problem at once, secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import (
+    ENV_PASSWORD,
+    ENV_USERNAME,
+    Settings,
+    load_settings,
+    settings_from_mapping,
+)
+from sidecar.errors import ConfigError
+
+# Distinctive enough that finding it anywhere in an error text is a leak.
+PASSWORD = "hunter2-Zq9-do-not-print"
+ENV_SECRET = "env-secret-Xk4-do-not-print"
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the caller's environment from leaking secrets into these tests."""
+    monkeypatch.delenv(ENV_USERNAME, raising=False)
+    monkeypatch.delenv(ENV_PASSWORD, raising=False)
+
+
+def _problems(data: Any) -> list[str]:
+    """Validate `data` and return the reported problems (it must be invalid)."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping(data, "test.yaml")
+    return caught.value.problems
+
+
+def _problem_for(problems: list[str], path: str) -> str:
+    """Return the one problem line about the key path `path`."""
+    matching = [problem for problem in problems if problem.startswith(f"{path}: ")]
+    assert len(matching) == 1, problems
+    return matching[0]
+
+
+def _write(folder: Path, text: str) -> Path:
+    """Write a config file into `folder` and return its path."""
+    path = folder / "sidecar.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("data", [{}, None])
+def test_settings_from_mapping_empty_gives_defaults(data: Any) -> None:
+    """Test that an empty document validates to the defaults."""
+    assert settings_from_mapping(data) == Settings()
+
+
+def test_settings_defaults_are_valid() -> None:
+    """Test that the defaults survive a round trip through validation."""
+    defaults = Settings()
+
+    revalidated = Settings.model_validate(defaults.model_dump())
+
+    assert revalidated == defaults
+    assert defaults.broker.port == 1883
+    assert defaults.output.prefix == "anomalies"
+    assert defaults.broker.password is None
+
+
+def test_load_settings_none_gives_defaults() -> None:
+    """Test that no config file means the defaults."""
+    assert load_settings(None) == Settings()
+
+
+def test_settings_from_mapping_reports_every_problem_at_once() -> None:
+    """Test that a broken config reports all its problems together, not the first."""
+    data = {
+        "broker": {"port": 70000, "keepalive": 1},
+        "subscribe": {"include": ["a/#/b"], "exclude": ["tele/plug+"]},
+        "output": {"prefix": "anomalies/+"},
+        "topics": [{"pattern": "tele/(?P<device>[^/]+", "kind": "telemetry"}],
+        "limits": {"queue_size": -5},
+        "brokr": {"host": "example.invalid"},
+    }
+
+    problems = _problems(data)
+
+    assert sorted(problem.split(": ", 1)[0] for problem in problems) == [
+        "broker.keepalive",
+        "broker.port",
+        "brokr",
+        "limits.queue_size",
+        "output.prefix",
+        "subscribe.exclude",
+        "subscribe.include",
+        "topics.0.pattern",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "received", "allowed"),
+    [
+        (
+            {"broker": {"port": 70000}},
+            "broker.port",
+            "70000",
+            "less than or equal to 65535",
+        ),
+        ({"broker": {"port": "mqtt"}}, "broker.port", "'mqtt'", "valid integer"),
+        (
+            {"limits": {"queue_size": -5}},
+            "limits.queue_size",
+            "-5",
+            "greater than or equal to 1",
+        ),
+        ({"output": {"qos": 3}}, "output.qos", "3", "0, 1 or 2"),
+        ({"logging": {"level": "LOUD"}}, "logging.level", "'LOUD'", "'DEBUG'"),
+        (
+            {"topics": [{"pattern": "tele/(?P<device>[^/]+"}]},
+            "topics.0.pattern",
+            "'tele/(?P<device>[^/]+'",
+            "not a valid regular expression",
+        ),
+        (
+            {"subscribe": {"include": ["a/#/b"]}},
+            "subscribe.include",
+            "['a/#/b']",
+            "'#' must be the last whole level",
+        ),
+        (
+            {"subscribe": {"exclude": ["tele/plug+"]}},
+            "subscribe.exclude",
+            "['tele/plug+']",
+            "'+' must fill a whole level",
+        ),
+        ({"brokr": {"host": "h"}}, "brokr", "{'host': 'h'}", "unknown key"),
+    ],
+)
+def test_settings_from_mapping_problem_names_path_value_and_rule(
+    data: dict[str, Any], path: str, received: str, allowed: str
+) -> None:
+    """Test that each problem names the key path, the received value and the rule."""
+    problem = _problem_for(_problems(data), path)
+
+    assert f"(got {received})" in problem
+    assert allowed in problem
+
+
+def test_settings_from_mapping_unknown_key_lists_allowed_keys() -> None:
+    """Test that an unknown key's problem says which keys are allowed there."""
+    problem = _problem_for(_problems({"brokr": {"host": "h"}}), "brokr")
+
+    assert "broker" in problem
+
+
+def test_config_error_message_names_source_and_every_problem() -> None:
+    """Test that the error text names the source and lists each problem."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"broker": {"port": 0}, "nope": 1}, "site.yaml")
+
+    message = str(caught.value)
+    assert caught.value.source == "site.yaml"
+    assert "site.yaml" in message
+    for problem in caught.value.problems:
+        assert problem in message
+
+
+@pytest.mark.parametrize(
+    "broker",
+    [
+        {"password": PASSWORD, "port": 0},
+        {"password": PASSWORD, "port": 0, "bogus": True},
+        {"password": [PASSWORD], "port": 1883},
+        {"password": {"value": PASSWORD}, "host": None},
+        {"password": PASSWORD, "tls": {"cert_file": "client.crt"}},
+    ],
+)
+def test_config_error_never_shows_the_password(broker: dict[str, Any]) -> None:
+    """Test that the password never appears in the error text."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"broker": broker, "limits": {"queue_size": 0}})
+
+    assert PASSWORD not in str(caught.value)
+    assert all(PASSWORD not in problem for problem in caught.value.problems)
+
+
+def test_config_error_never_shows_the_env_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that a password from the environment is not echoed by errors either."""
+    monkeypatch.setenv(ENV_PASSWORD, ENV_SECRET)
+
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"broker": {"port": 0}, "output": {"prefix": "#"}})
+
+    assert ENV_SECRET not in str(caught.value)
+
+
+def test_settings_password_is_hidden_in_repr() -> None:
+    """Test that printing the settings does not reveal the password."""
+    settings = settings_from_mapping({"broker": {"password": PASSWORD}})
+
+    assert PASSWORD not in repr(settings)
+    assert PASSWORD not in str(settings.model_dump())
+    assert settings.broker.password is not None
+    assert settings.broker.password.get_secret_value() == PASSWORD
+
+
+def test_settings_from_mapping_env_sets_username_and_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that the env overrides set the broker username and password."""
+    monkeypatch.setenv(ENV_USERNAME, "sidecar")
+    monkeypatch.setenv(ENV_PASSWORD, ENV_SECRET)
+
+    settings = settings_from_mapping(
+        {"broker": {"username": "file-user", "password": "file-pass", "port": 8883}}
+    )
+
+    assert settings.broker.username == "sidecar"
+    assert settings.broker.password is not None
+    assert settings.broker.password.get_secret_value() == ENV_SECRET
+    assert settings.broker.port == 8883
+
+
+def test_settings_from_mapping_env_password_alone_keeps_file_username(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that only the secret given in the environment is overridden."""
+    monkeypatch.setenv(ENV_PASSWORD, ENV_SECRET)
+
+    settings = settings_from_mapping({"broker": {"username": "file-user"}})
+
+    assert settings.broker.username == "file-user"
+    assert settings.broker.password is not None
+    assert settings.broker.password.get_secret_value() == ENV_SECRET
+
+
+def test_settings_from_mapping_env_only_overrides_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Test that the environment cannot change anything but the secrets."""
+    monkeypatch.setenv("ANOMALY_SIDECAR_HOST", "evil.example")
+    monkeypatch.setenv("ANOMALY_SIDECAR_PORT", "1")
+
+    assert settings_from_mapping({}) == Settings()
+
+
+@pytest.mark.parametrize("broker", ["oops", 5, ["ab"]])
+def test_settings_from_mapping_env_secret_with_bad_broker_section(
+    monkeypatch: pytest.MonkeyPatch, broker: Any
+) -> None:
+    """Test that a non-mapping broker section is a ConfigError with env secrets set."""
+    monkeypatch.setenv(ENV_PASSWORD, ENV_SECRET)
+
+    problem = _problem_for(_problems({"broker": broker}), "broker")
+
+    assert "valid dictionary" in problem
+
+
+@pytest.mark.parametrize("broker", ["oops", 5, ["ab"]])
+def test_settings_from_mapping_bad_broker_section_is_config_error(broker: Any) -> None:
+    """Test that a non-mapping broker section is reported as a problem."""
+    problem = _problem_for(_problems({"broker": broker}), "broker")
+
+    assert "valid dictionary" in problem
+
+
+def test_load_settings_missing_file_names_the_file(tmp_path: Path) -> None:
+    """Test that a missing file is a ConfigError naming the file."""
+    path = tmp_path / "absent.yaml"
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert caught.value.source == str(path)
+    assert str(path) in str(caught.value)
+    assert "cannot read" in str(caught.value)
+
+
+def test_load_settings_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    """Test that a file that is not YAML is a ConfigError naming the file."""
+    path = _write(tmp_path, "broker: {port: 1883\nlimits: [\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert str(path) in str(caught.value)
+    assert "not valid YAML" in str(caught.value)
+
+
+def test_load_settings_yaml_list_at_top_level_names_the_file(tmp_path: Path) -> None:
+    """Test that a top-level YAML list is a ConfigError naming the file."""
+    path = _write(tmp_path, "- broker\n- output\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert str(path) in str(caught.value)
+    assert caught.value.problems == [
+        "(top level): must be a mapping of sections (got list)"
+    ]
+
+
+def test_load_settings_not_utf8_names_the_file(tmp_path: Path) -> None:
+    """Test that a file that is not UTF-8 text is a ConfigError naming the file."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_bytes(b"broker:\n  host: \xff\xfe\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert str(path) in str(caught.value)
+
+
+def test_load_settings_empty_file_gives_defaults(tmp_path: Path) -> None:
+    """Test that an empty file (YAML null) means the defaults."""
+    settings = load_settings(_write(tmp_path, "# nothing set\n"))
+
+    assert settings.broker == Settings().broker
+    assert settings.topics == Settings().topics
+
+
+def test_load_settings_invalid_content_names_the_file(tmp_path: Path) -> None:
+    """Test that validation problems in a file are reported under its name."""
+    path = _write(tmp_path, "broker:\n  port: 0\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert caught.value.source == str(path)
+    assert caught.value.problems == [
+        "broker.port: Input should be greater than or equal to 1 (got 0)"
+    ]
+
+
+def test_load_settings_relative_paths_resolve_against_config_folder(
+    tmp_path: Path,
+) -> None:
+    """Test that relative model and TLS paths resolve against the file's folder."""
+    folder = tmp_path / "etc" / "sidecar"
+    folder.mkdir(parents=True)
+    path = _write(
+        folder,
+        "models:\n"
+        "  directory: models\n"
+        "broker:\n"
+        "  tls:\n"
+        "    ca_file: certs/ca.crt\n"
+        "    cert_file: certs/client.crt\n"
+        "    key_file: certs/client.key\n",
+    )
+
+    settings = load_settings(path)
+
+    assert settings.models.directory == folder / "models"
+    assert settings.broker.tls is not None
+    assert settings.broker.tls.ca_file == folder / "certs" / "ca.crt"
+    assert settings.broker.tls.cert_file == folder / "certs" / "client.crt"
+    assert settings.broker.tls.key_file == folder / "certs" / "client.key"
+
+
+def test_load_settings_absolute_paths_are_kept(tmp_path: Path) -> None:
+    """Test that absolute model and TLS paths are used as written."""
+    models = tmp_path / "shared" / "models"
+    ca_file = tmp_path / "pki" / "ca.crt"
+    path = _write(
+        tmp_path,
+        f"models:\n  directory: {models}\nbroker:\n  tls:\n    ca_file: {ca_file}\n",
+    )
+
+    settings = load_settings(path)
+
+    assert settings.models.directory == models
+    assert settings.broker.tls is not None
+    assert settings.broker.tls.ca_file == ca_file
+
+
+@pytest.mark.parametrize(
+    "prefix", ["anomalies/+", "anomalies/#", "#", "+/x", "$SYS/anomalies", "a\x00b"]
+)
+def test_settings_from_mapping_output_prefix_with_wildcard_is_rejected(
+    prefix: str,
+) -> None:
+    """Test that the output prefix must be a plain topic."""
+    problem = _problem_for(_problems({"output": {"prefix": prefix}}), "output.prefix")
+
+    assert "without wildcards" in problem
+
+
+def test_settings_from_mapping_output_prefix_trailing_slash_is_dropped() -> None:
+    """Test that a trailing `/` on the output prefix is removed."""
+    settings = settings_from_mapping({"output": {"prefix": "site/anomalies/"}})
+
+    assert settings.output.prefix == "site/anomalies"
+
+
+@pytest.mark.parametrize(
+    ("rule", "template"),
+    [
+        ({"pattern": "site/(?P<dev>[^/]+)", "device": "{device}"}, "{device}"),
+        ({"pattern": "site/(?P<device>[^/]+)", "channel": "{channel}"}, "{channel}"),
+        ({"pattern": "site/[^/]+", "kind": "availability"}, "{device}"),
+    ],
+)
+def test_settings_from_mapping_rule_template_needs_named_group(
+    rule: dict[str, str], template: str
+) -> None:
+    """Test that a rule template naming a group the pattern lacks is rejected."""
+    problem = _problem_for(_problems({"topics": [rule]}), "topics.0")
+
+    assert f"uses {template}" in problem
+    assert "no such named group" in problem
+
+
+def test_settings_from_mapping_ignore_rule_needs_no_groups() -> None:
+    """Test that an ignore rule is valid without any named group."""
+    settings = settings_from_mapping(
+        {"topics": [{"pattern": "site/[^/]+/debug", "kind": "ignore"}]}
+    )
+
+    assert settings.topics[0].kind == "ignore"
+
+
+def test_settings_from_mapping_custom_rule_replaces_defaults() -> None:
+    """Test that configured topic rules replace the built-in list."""
+    rule = {
+        "pattern": "site/(?P<room>[^/]+)/(?P<device>[^/]+)/telemetry",
+        "device": "{room}.{device}",
+    }
+
+    settings = settings_from_mapping({"topics": [rule]})
+
+    assert len(settings.topics) == 1
+    assert settings.topics[0].device == "{room}.{device}"
+
+
+def test_settings_are_frozen() -> None:
+    """Test that validated settings cannot be changed afterwards."""
+    settings = Settings()
+
+    with pytest.raises(ValueError, match="frozen"):
+        settings.broker.port = 1

@@ -1,0 +1,64 @@
+"""Training and the live sidecar see the same windows: one feature path, pinned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from converters.dataset import build_windows
+from converters.simulate import simulate
+from converters.ton_iot import LabeledMessage
+from sidecar.config import Settings
+from sidecar.detector import load_cascade
+from sidecar.service import build_pipeline
+
+# Both paths run the same float32 arrays through the same ONNX session, so the
+# scores must agree to the last bit; a tolerance would hide a drifting path.
+SCORE_TOLERANCE = 0.0
+
+
+def _interleaved(streams: dict[str, list[LabeledMessage]]) -> list[LabeledMessage]:
+    from converters.replay import interleave
+
+    return list(interleave(streams))
+
+
+def test_live_pipeline_scores_equal_training_windows_scores() -> None:
+    """Test that the pipeline's RF scores equal the RF on the training-path windows."""
+    settings = Settings()
+    models = load_cascade(settings.models, settings.detection, settings.window.length)
+    streams = simulate(seed=3)
+
+    windows = build_windows(streams, models.spec)
+    offline = models.rf.score(windows.vectors)
+
+    pipeline = build_pipeline(settings, models)
+    live: dict[tuple[str, int], float] = {}
+    messages = [item.message for item in _interleaved(streams)]
+    for start in range(0, len(messages), settings.limits.batch_size):
+        result = pipeline.process(messages[start : start + settings.limits.batch_size])
+        live.update({(s.device, s.seq): s.rf for s in result.scores})
+
+    keys = list(zip(windows.devices.tolist(), windows.seqs.tolist(), strict=True))
+    assert len(live) == len(keys)
+    live_scores = np.array([live[key] for key in keys], dtype=np.float32)
+    np.testing.assert_allclose(live_scores, offline, rtol=0, atol=SCORE_TOLERANCE)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_pipeline_scores_do_not_depend_on_batching(batch_size: int) -> None:
+    """Test that cutting one stream into other batch sizes keeps its scores."""
+    settings = Settings()
+    models = load_cascade(settings.models, settings.detection, settings.window.length)
+    messages = [item.message for item in _interleaved(simulate(seed=5))]
+
+    def scores(size: int) -> dict[tuple[str, int], float]:
+        pipeline = build_pipeline(settings, models)
+        found: dict[tuple[str, int], float] = {}
+        for start in range(0, len(messages), size):
+            result = pipeline.process(messages[start : start + size])
+            found.update({(s.device, s.seq): s.fused for s in result.scores})
+        return found
+
+    reference = scores(64)
+    assert scores(batch_size) == pytest.approx(reference, abs=1e-6)

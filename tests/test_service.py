@@ -1,0 +1,172 @@
+"""End-to-end behaviour of the sidecar against real brokers (amqtt and Mosquitto)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from mqtt_helpers import BrokerAddress, MessageCollector, ReceivedMessage, publish
+
+from sidecar.config import Settings, settings_from_mapping
+from sidecar.detector import LoadedModels, load_cascade
+from sidecar.service import Service
+
+pytestmark = pytest.mark.broker
+
+# Enough messages for one device to pass the shipped models' warm-up (128)
+# and fill a window, plus a few scored ones.
+MESSAGES_TO_SCORE = 140
+# A verdict crosses sidecar and broker in milliseconds; this only bounds a
+# failing test.
+VERDICT_TIMEOUT_S = 20.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _settings(broker: BrokerAddress, **detection: Any) -> Settings:
+    return settings_from_mapping(
+        {
+            "broker": {
+                "host": broker.host,
+                "port": broker.port,
+                "client_id": f"sidecar-{uuid.uuid4().hex[:8]}",
+            },
+            "detection": detection,
+        }
+    )
+
+
+@pytest.fixture
+def always_alarm(broker: BrokerAddress) -> Iterator[Service]:
+    """A running sidecar whose thresholds confirm every scored window."""
+    settings = _settings(
+        broker,
+        rf_threshold=0.0,
+        cnn_threshold=0.0,
+        fused_threshold=0.0,
+        alarm_after=1,
+        clear_after=5,
+    )
+    yield from _running(settings)
+
+
+def _running(settings: Settings) -> Iterator[Service]:
+    models: LoadedModels = load_cascade(
+        settings.models, settings.detection, settings.window.length
+    )
+    service = Service(settings, models)
+    service.start()
+    assert service.adapter.subscribed.wait(CONNECT_TIMEOUT_S)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def _reading(index: int) -> bytes:
+    document = {"temperature": 21.0 + (index % 7) * 0.1, "linkquality": 100 + index % 9}
+    return json.dumps(document).encode()
+
+
+def _wait_processed(service: Service, count: int) -> None:
+    deadline = time.monotonic() + VERDICT_TIMEOUT_S
+    while service.counters["processed"] < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _publish_readings(broker: BrokerAddress, topic: str, count: int) -> None:
+    for index in range(count):
+        publish(broker, topic, _reading(index), qos=1)
+
+
+def test_service_publishes_verdict_on_device_topic(
+    broker: BrokerAddress, always_alarm: Service
+) -> None:
+    """Test that readings on a device topic raise a verdict on anomalies/<device>."""
+    topic = "anomalies/test_plug"
+    with MessageCollector(broker, topic) as verdicts:
+        _publish_readings(broker, "zigbee2mqtt/test_plug", MESSAGES_TO_SCORE)
+        received = verdicts.wait_for(
+            lambda seen: any(m.topic == topic for m in seen), timeout=VERDICT_TIMEOUT_S
+        )
+
+    # amqtt 0.12.1 also hands a new subscriber retained messages of sibling
+    # topics (here anomalies/_status), so the verdict is picked by topic.
+    verdict = json.loads(next(m.payload for m in received if m.topic == topic))
+    assert verdict["device"] == "test_plug"
+    assert verdict["state"] == "raised"
+    assert verdict["topic"] == "zigbee2mqtt/test_plug"
+    assert set(verdict["models"]) == {"rf", "cnn"}
+    assert 0.0 <= verdict["score"] <= 1.0
+    assert verdict["reason"]
+    assert verdict["seq"] >= 128
+
+
+def test_service_raises_once_while_in_alarm(
+    broker: BrokerAddress, always_alarm: Service
+) -> None:
+    """Test that a device in alarm is raised once and own verdicts are not scored."""
+    with MessageCollector(broker, "anomalies/#") as output:
+        _publish_readings(broker, "zigbee2mqtt/fridge_plug", MESSAGES_TO_SCORE + 20)
+        _wait_processed(always_alarm, MESSAGES_TO_SCORE + 20)
+        time.sleep(0.5)
+        messages = output.messages
+
+    verdicts = [m for m in messages if m.topic == "anomalies/fridge_plug"]
+    assert len(verdicts) == 1
+    counters = always_alarm.counters
+    # The verdict came back to the sidecar through its `#` subscription.
+    assert counters["own_output"] >= 1
+    assert counters["devices_tracked"] == 1
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "counter"),
+    [
+        ("frigate/front/person/snapshot", b"\xff\xd8\xff\xe0" + bytes(2000), "binary"),
+        ("zigbee2mqtt/junk", b"{not json", "unparsable"),
+        ("zigbee2mqtt/junk", b"x" * 70_000, "oversized"),
+        ("esp_living/sensor/temp/state", b"nan", "missing"),
+        ("ha/sensor/grid_power/state", b"unavailable", "missing"),
+        ("lonely", b"21.5", "unknown_topic"),
+        ("anomalies/someone", b'{"state":"raised"}', "own_output"),
+        ("zigbee2mqtt/bridge/devices", b"[]", "ignored"),
+    ],
+)
+def test_service_counts_and_skips_junk(
+    broker: BrokerAddress,
+    always_alarm: Service,
+    topic: str,
+    payload: bytes,
+    counter: str,
+) -> None:
+    """Test that junk payloads, unknown topics and own output are counted, not fatal."""
+    publish(broker, topic, payload, qos=1)
+    deadline = time.monotonic() + VERDICT_TIMEOUT_S
+    while always_alarm.counters[counter] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    counters = always_alarm.counters
+    assert counters[counter] >= 1
+    assert counters["worker_errors"] == 0
+    if counter in ("unknown_topic", "own_output", "ignored"):
+        assert counters["devices_tracked"] == 0
+
+
+def test_service_status_topic_goes_offline_on_stop(broker: BrokerAddress) -> None:
+    """Test that the retained status reads online while running, offline after."""
+    settings = _settings(broker)
+    running = _running(settings)
+    next(running)
+    with MessageCollector(broker, "anomalies/_status") as status:
+        online = status.wait_for(bool, timeout=VERDICT_TIMEOUT_S)
+        assert online[0].payload == b"online"
+        next(running, None)
+        offline = status.wait_for(
+            lambda seen: any(m.payload == b"offline" for m in seen),
+            timeout=VERDICT_TIMEOUT_S,
+        )
+    assert isinstance(offline[-1], ReceivedMessage)
