@@ -36,6 +36,18 @@ class WindowSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, keep: npt.NDArray[np.bool_]) -> WindowSet:
+        """Return the rows where `keep` is True."""
+        return WindowSet(
+            vectors=self.vectors[keep],
+            windows=self.windows[keep],
+            labels=self.labels[keep],
+            attack_types=self.attack_types[keep],
+            devices=self.devices[keep],
+            times=self.times[keep],
+            seqs=self.seqs[keep],
+        )
+
 
 def build_windows(
     streams: Mapping[str, Sequence[LabeledMessage]],

@@ -35,6 +35,7 @@ from sklearn.metrics import (
 from converters.dataset import WindowSet, build_windows
 from converters.replay import interleave, replay
 from converters.ton_iot import LabeledMessage
+from sidecar.calibration import calibrate_offline
 from sidecar.config import Settings
 from sidecar.detector import LoadedModels
 from sidecar.mqtt import MqttAdapter
@@ -149,6 +150,18 @@ def _standalone_scores(
     return rf, cnn
 
 
+def _scored_part(
+    models: LoadedModels, windows: WindowSet
+) -> tuple[WindowSet, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Calibrate standalone scores per device; keep the windows past learning."""
+    rf_raw, cnn_raw = _standalone_scores(models, windows)
+    rf, cnn, learning = calibrate_offline(
+        rf_raw, cnn_raw, windows.devices, windows.seqs, models.cascade.calibration
+    )
+    keep = ~learning
+    return windows.subset(keep), rf[keep], cnn[keep]
+
+
 def _hybrid_in_process(
     settings: Settings,
     models: LoadedModels,
@@ -162,7 +175,8 @@ def _hybrid_in_process(
     for start in range(0, len(ordered), batch_size):
         result = pipeline.process(ordered[start : start + batch_size])
         for score in result.scores:
-            found[(score.device, score.seq)] = score
+            if not score.learning:
+                found[(score.device, score.seq)] = score
     return found
 
 
@@ -199,7 +213,7 @@ def evaluate_offline(
 ) -> EvaluationInputs:
     """Score every detector on the streams through the in-process pipeline."""
     windows = build_windows(streams, models.spec, settings.limits.max_payload_bytes)
-    rf, cnn = _standalone_scores(models, windows)
+    windows, rf, cnn = _scored_part(models, windows)
     hybrid = _hybrid_in_process(settings, models, streams)
     return _inputs_from_scores(windows, hybrid, rf, cnn, models)
 
@@ -230,6 +244,7 @@ class _ScoreCollector:
             fused=float(document["fused"]),
             confirmed=bool(document["confirmed"]),
             in_alarm=bool(document["in_alarm"]),
+            learning=bool(document["learning"]),
         )
         with self.lock:
             self.scores[(device, score.seq)] = score
@@ -277,7 +292,7 @@ def evaluate_through_broker(
     service.stop()
     collector.adapter.stop()
 
-    rf, cnn = _standalone_scores(models, windows)
+    windows, rf, cnn = _scored_part(models, windows)
     inputs = _inputs_from_scores(windows, collector.scores, rf, cnn, models)
     return inputs, service.counters
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from sidecar.calibration import Calibration, DeviceCalibration, calibrated
 from sidecar.config import DetectionSettings, ModelSettings
 from sidecar.errors import ModelLoadError
 from sidecar.features import CNN_CHANNELS, FEATURE_NAMES, FeatureSpec
@@ -58,7 +60,9 @@ class Threshold:
 
     value: float
 
-    def decide(self, scores: FloatArray) -> npt.NDArray[np.bool_]:
+    def decide(
+        self, scores: FloatArray | npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.bool_]:
         """Return True where a score is above the threshold."""
         return np.asarray(scores > self.value)
 
@@ -171,25 +175,29 @@ class CascadeScores:
     """Scores of one batch of windows.
 
     Attributes:
-        rf: RandomForest P(anomaly) for every window.
-        cnn: CNN P(anomaly) where the RF flagged the window, NaN elsewhere.
+        rf: Calibrated RandomForest score for every window (0 while learning).
+        cnn: Calibrated CNN score where it ran on a flagged window, NaN
+            elsewhere.
         fused: One score per window: (rf + cnn) / 2 when the CNN ran, rf / 2
             otherwise, so every flagged window ranks above every unflagged one.
-        confirmed: Whether the CNN confirmed the window.
+        confirmed: Whether the window is confirmed as anomalous.
+        learning: Whether the window was spent learning its device's reference.
     """
 
-    rf: FloatArray
-    cnn: FloatArray
-    fused: FloatArray
+    rf: npt.NDArray[np.float64]
+    cnn: npt.NDArray[np.float64]
+    fused: npt.NDArray[np.float64]
     confirmed: npt.NDArray[np.bool_]
+    learning: npt.NDArray[np.bool_]
 
 
 class Cascade:
     """RandomForest front filter on every window; CNN confirmer on what it flags.
 
-    A window is confirmed when the RF flags it (above `rf_threshold`), the
-    CNN scores it above `cnn_threshold`, and the two agree strongly enough
-    that their mean is above `fused_threshold`.
+    Scores are first calibrated per device (see `sidecar.calibration`). A
+    window is confirmed when the RF flags it (above `rf_threshold`), the CNN
+    scores it above `cnn_threshold`, and the two agree strongly enough that
+    their mean is above `fused_threshold`.
     """
 
     def __init__(
@@ -199,29 +207,65 @@ class Cascade:
         rf_threshold: Threshold,
         cnn_threshold: Threshold,
         fused_threshold: Threshold,
+        calibration: Calibration,
     ) -> None:
         self.rf = rf
         self.cnn = cnn
         self.rf_threshold = rf_threshold
         self.cnn_threshold = cnn_threshold
         self.fused_threshold = fused_threshold
+        self.calibration = calibration
 
-    def score(self, vectors: FloatArray, windows: FloatArray) -> CascadeScores:
-        """Score a batch: feature vectors (n, F) and raw windows (n, C, W)."""
-        rf = self.rf.score(vectors)
-        flagged = self.rf_threshold.decide(rf)
-        cnn = np.full(len(rf), np.nan, dtype=np.float32)
-        if flagged.any():
-            cnn[flagged] = self.cnn.score(windows[flagged])
-        fused = np.where(flagged, (rf + np.nan_to_num(cnn)) / 2.0, rf / 2.0).astype(
-            np.float32
-        )
+    def new_device(self) -> DeviceCalibration:
+        """Return an empty calibration for a device seen for the first time."""
+        return DeviceCalibration(self.calibration)
+
+    def score(
+        self,
+        vectors: FloatArray,
+        windows: FloatArray,
+        devices: Sequence[DeviceCalibration],
+    ) -> CascadeScores:
+        """Score a batch: vectors (n, F), windows (n, C, W), each row's device.
+
+        Rows of one device must be in stream order; rows still learning their
+        device's reference are scored by both models and teach it.
+        """
+        n = len(vectors)
+        rf_raw = self.rf.score(vectors).astype(np.float64)
+        cnn_raw = np.full(n, np.nan)
+
+        # Which rows are still learning: count each device's rows in order.
+        pending: dict[int, int] = {}
+        learning = np.zeros(n, dtype=bool)
+        for row, device in enumerate(devices):
+            if device.reference is None:
+                done = len(device.seen) + pending.get(id(device), 0)
+                learning[row] = done < self.calibration.windows
+                pending[id(device)] = pending.get(id(device), 0) + 1
+        if learning.any():
+            cnn_raw[learning] = self.cnn.score(windows[learning])
+            for row in np.flatnonzero(learning).tolist():
+                devices[row].learn(float(rf_raw[row]), float(cnn_raw[row]))
+
+        # Every other row now has a reference, learned before or just above.
+        scored = ~learning
+        references = np.array(
+            [d.reference if d.reference is not None else (1.0, 1.0) for d in devices]
+        ).reshape(n, 2)
+        rf = np.where(scored, calibrated(rf_raw, references[:, 0]), 0.0)
+        flagged = scored & self.rf_threshold.decide(rf)
+        needed = flagged & np.isnan(cnn_raw)
+        if needed.any():
+            cnn_raw[needed] = self.cnn.score(windows[needed])
+        cnn = np.where(flagged, calibrated(cnn_raw, references[:, 1]), np.nan)
+        fused = np.where(flagged, (rf + np.nan_to_num(cnn)) / 2.0, rf / 2.0)
         confirmed = (
             flagged
             & self.cnn_threshold.decide(np.nan_to_num(cnn))
             & self.fused_threshold.decide(fused)
         )
-        return CascadeScores(rf, cnn, fused, confirmed)
+        return CascadeScores(rf, cnn, fused, confirmed, learning)
 
 
 @dataclass(frozen=True)
@@ -275,6 +319,7 @@ def load_cascade(
         chosen(detection.rf_threshold, rf.card, "cascade"),
         chosen(detection.cnn_threshold, cnn.card, "cascade"),
         chosen(detection.fused_threshold, cnn.card, "fused"),
+        Calibration.from_dict(cnn.card.data["calibration"]),
     )
     return LoadedModels(
         cascade=cascade,

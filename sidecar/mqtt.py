@@ -154,6 +154,16 @@ class MqttAdapter:
             self._client.publish(topic, payload, qos=qos, retain=retain)
         )
 
+    def stop_intake(self, timeout: float = STOP_PUBLISH_TIMEOUT_S) -> None:
+        """Unsubscribe, so nothing new arrives while the last work is published."""
+        if not (self.connected.is_set() and self._filters):
+            return
+        done = threading.Event()
+        self._client.on_unsubscribe = lambda *_args: done.set()
+        result, _mid = self._client.unsubscribe(self._filters)
+        if result == paho.MQTT_ERR_SUCCESS and not done.wait(timeout):
+            _LOG.warning("unsubscribe not acknowledged filters=%s", self._filters)
+
     def stop(self) -> None:
         """Say offline on the status topic, disconnect and stop the loop."""
         if self.connected.is_set() and self._status_topic is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from sidecar.calibration import DeviceCalibration
 from sidecar.config import LimitSettings
 from sidecar.detector import Cascade
 from sidecar.features import DeviceState, FeatureSpec
@@ -50,6 +51,7 @@ class Counters:
     binary: int = 0
     oversized: int = 0
     warming: int = 0
+    calibrating: int = 0
     windows_scored: int = 0
     cnn_runs: int = 0
     devices_evicted: int = 0
@@ -77,6 +79,7 @@ class WindowScore:
     fused: float
     confirmed: bool
     in_alarm: bool
+    learning: bool = False
 
 
 @dataclass
@@ -90,6 +93,7 @@ class BatchResult:
 @dataclass(slots=True)
 class _Tracked:
     state: DeviceState
+    calibration: DeviceCalibration
     seq: int = -1
 
 
@@ -139,6 +143,7 @@ class Pipeline:
     def process(self, batch: Sequence[Message]) -> BatchResult:
         """Route, parse and window every message, then score the ready windows."""
         pending: list[tuple[str, int, Message, DeviceState]] = []
+        calibrations = []
         vectors = []
         windows = []
         for message in batch:
@@ -149,18 +154,21 @@ class Pipeline:
             device, tracked = ready
             features = tracked.state.features()
             pending.append((device, tracked.seq, message, tracked.state))
+            calibrations.append(tracked.calibration)
             vectors.append(features.vector)
             windows.append(features.window)
 
         result = BatchResult()
         if not pending:
             return result
-        scores = self.cascade.score(np.stack(vectors), np.stack(windows))
+        scores = self.cascade.score(np.stack(vectors), np.stack(windows), calibrations)
         self.counters.windows_scored += len(pending)
         self.counters.cnn_runs += int(np.count_nonzero(~np.isnan(scores.cnn)))
+        self.counters.calibrating += int(np.count_nonzero(scores.learning))
         for row, (device, seq, message, state) in enumerate(pending):
             confirmed = bool(scores.confirmed[row])
-            transition = self.lifecycle.step(device, confirmed)
+            learning = bool(scores.learning[row])
+            transition = None if learning else self.lifecycle.step(device, confirmed)
             rf = float(scores.rf[row])
             cnn = float(scores.cnn[row])
             fused = float(scores.fused[row])
@@ -175,6 +183,7 @@ class Pipeline:
                     fused,
                     confirmed,
                     self.lifecycle.in_alarm(device),
+                    learning,
                 )
             )
             if transition is None:
@@ -264,6 +273,6 @@ class Pipeline:
             self.lifecycle.forget(evicted)
             self.counters.devices_evicted += 1
             _LOG.debug("device evicted device=%r", evicted)
-        tracked = _Tracked(DeviceState(self._device_spec))
+        tracked = _Tracked(DeviceState(self._device_spec), self.cascade.new_device())
         self._devices[device] = tracked
         return tracked

@@ -119,7 +119,8 @@ class Service:
         self.adapter.start()
 
     def stop(self) -> None:
-        """Drain what is queued, publish it, say offline and disconnect."""
+        """Stop intake, drain and publish what is queued, say offline, disconnect."""
+        self.adapter.stop_intake()
         self._stop.set()
         self._worker.join()
         self.adapter.stop()
@@ -201,6 +202,7 @@ def _score_json(score: WindowScore) -> bytes:
         "fused": round(score.fused, 6),
         "confirmed": score.confirmed,
         "in_alarm": score.in_alarm,
+        "learning": score.learning,
     }
     return json.dumps(document, separators=(",", ":")).encode()
 

@@ -8,6 +8,7 @@ import pytest
 from converters.dataset import build_windows
 from converters.simulate import simulate
 from converters.ton_iot import LabeledMessage
+from sidecar.calibration import calibrate_offline
 from sidecar.config import Settings
 from sidecar.detector import load_cascade
 from sidecar.service import build_pipeline
@@ -24,24 +25,28 @@ def _interleaved(streams: dict[str, list[LabeledMessage]]) -> list[LabeledMessag
 
 
 def test_live_pipeline_scores_equal_training_windows_scores() -> None:
-    """Test that the pipeline's RF scores equal the RF on the training-path windows."""
+    """Test that the live pipeline's RF scores equal the training path's."""
     settings = Settings()
     models = load_cascade(settings.models, settings.detection, settings.window.length)
     streams = simulate(seed=3)
 
     windows = build_windows(streams, models.spec)
-    offline = models.rf.score(windows.vectors)
+    raw = models.rf.score(windows.vectors).astype(np.float64)
+    offline, _, learning = calibrate_offline(
+        raw, raw, windows.devices, windows.seqs, models.cascade.calibration
+    )
 
     pipeline = build_pipeline(settings, models)
-    live: dict[tuple[str, int], float] = {}
+    live: dict[tuple[str, int], tuple[float, bool]] = {}
     messages = [item.message for item in _interleaved(streams)]
     for start in range(0, len(messages), settings.limits.batch_size):
         result = pipeline.process(messages[start : start + settings.limits.batch_size])
-        live.update({(s.device, s.seq): s.rf for s in result.scores})
+        live.update({(s.device, s.seq): (s.rf, s.learning) for s in result.scores})
 
     keys = list(zip(windows.devices.tolist(), windows.seqs.tolist(), strict=True))
     assert len(live) == len(keys)
-    live_scores = np.array([live[key] for key in keys], dtype=np.float32)
+    assert [live[key][1] for key in keys] == learning.tolist()
+    live_scores = np.array([live[key][0] for key in keys])
     np.testing.assert_allclose(live_scores, offline, rtol=0, atol=SCORE_TOLERANCE)
 
 

@@ -17,9 +17,9 @@ from sidecar.service import Service
 
 pytestmark = pytest.mark.broker
 
-# Enough messages for one device to pass the shipped models' warm-up (128)
-# and fill a window, plus a few scored ones.
-MESSAGES_TO_SCORE = 140
+# Enough messages for one device to pass the shipped models' feature warm-up
+# (128 messages) and score calibration (64 windows), plus some scored ones.
+MESSAGES_TO_SCORE = 230
 # A verdict crosses sidecar and broker in milliseconds; this only bounds a
 # failing test.
 VERDICT_TIMEOUT_S = 20.0
@@ -41,14 +41,18 @@ def _settings(broker: BrokerAddress, **detection: Any) -> Settings:
 
 @pytest.fixture
 def always_alarm(broker: BrokerAddress) -> Iterator[Service]:
-    """A running sidecar whose thresholds confirm every scored window."""
+    """A running sidecar that raises on the first window above a device's median.
+
+    With every threshold at 0, any window whose calibrated score is above 0
+    (above the device's own median) is confirmed; it is never cleared.
+    """
     settings = _settings(
         broker,
         rf_threshold=0.0,
         cnn_threshold=0.0,
         fused_threshold=0.0,
         alarm_after=1,
-        clear_after=5,
+        clear_after=10_000,
     )
     yield from _running(settings)
 
@@ -102,7 +106,7 @@ def test_service_publishes_verdict_on_device_topic(
     assert set(verdict["models"]) == {"rf", "cnn"}
     assert 0.0 <= verdict["score"] <= 1.0
     assert verdict["reason"]
-    assert verdict["seq"] >= 128
+    assert verdict["seq"] >= 128 + 64
 
 
 def test_service_raises_once_while_in_alarm(
