@@ -39,7 +39,8 @@ class Calibration:
     """How references are learned; fixed when the cascade is tuned.
 
     Attributes:
-        windows: Scored windows per device used to learn its reference.
+        windows: Scored windows per device used to learn its reference; 0
+            switches calibration off (scores are used as the models give them).
         quantile: Which quantile of those scores becomes the reference.
     """
 
@@ -75,6 +76,10 @@ class DeviceCalibration:
     seen: list[tuple[float, float]] = field(default_factory=list)
     reference: tuple[float, float] | None = None
 
+    def __post_init__(self) -> None:
+        if self.settings.windows == 0:
+            self.reference = (0.0, 0.0)
+
     def learn(self, rf: float, cnn: float) -> None:
         """Record the raw scores of one calibration window."""
         self.seen.append((rf, cnn))
@@ -98,9 +103,11 @@ def calibrate_offline(
         Calibrated RF scores, calibrated CNN scores, and a mask that is True
         for the windows spent learning references (they raise no alarm).
     """
+    learning = np.zeros(len(rf), dtype=bool)
+    if settings.windows == 0:
+        return rf.astype(np.float64), cnn.astype(np.float64), learning
     rf_out = np.zeros(len(rf))
     cnn_out = np.zeros(len(cnn))
-    learning = np.zeros(len(rf), dtype=bool)
     for device in np.unique(devices):
         rows = np.flatnonzero(devices == device)
         rows = rows[np.argsort(seqs[rows], kind="stable")]

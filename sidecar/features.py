@@ -409,9 +409,13 @@ class DeviceState:
                 return False
             if abs(step - steps.mean) > limit * steps.spread():
                 return False
-        if abs(size - self._size.mean) > limit * self._size.spread():
+        # A disabled group must not steer learning either: a model trained
+        # without timing would otherwise still depend on when messages came.
+        disabled = self.spec.disabled_groups
+        size_off = abs(size - self._size.mean) > limit * self._size.spread()
+        if "size" not in disabled and size_off:
             return False
-        if math.isnan(gap):
+        if math.isnan(gap) or "timing" in disabled:
             return True
         log_gap = math.log(max(gap, MIN_GAP_S))
         return abs(log_gap - self._gap.mean) <= limit * self._gap.spread()
@@ -466,10 +470,7 @@ class DeviceState:
 
         window = np.zeros((len(CNN_CHANNELS), spec.window), dtype=np.float64)
         if present.any():
-            z = self._key_z(values)[:, present]
-            # Centred on the window's own median: the CNN sees how readings
-            # move in units of the device's spread, not where they sit.
-            z = np.nan_to_num(z - np.nanmedian(z, axis=0))
+            z = _window_standardised(values[:, present])
             strongest = np.argsort(-np.abs(z).max(axis=0), kind="stable")
             top = strongest[:_CNN_VALUE_CHANNELS]
             window[: len(top)] = z[:, top].T
@@ -594,3 +595,17 @@ def _window_shape(column: npt.NDArray[np.float64]) -> tuple[float, float, float,
         run = run + 1 if step == 0 else 1
         longest = max(longest, run)
     return (distinct, autocorrelation, step_to_range, longest / count)
+
+
+def _window_standardised(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Centre each key on the window's median and scale by the window's spread.
+
+    The CNN then sees the shape of the window (a spike, a step, a flat run,
+    chatter) in the same units on every device, whatever the baseline.
+    """
+    centred = values - np.nanmedian(values, axis=0)
+    spread = np.nanstd(values, axis=0)
+    scaled: npt.NDArray[np.float64] = np.nan_to_num(
+        centred / np.maximum(spread, ABSOLUTE_SPREAD_FLOOR)
+    )
+    return scaled

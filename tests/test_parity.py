@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from sidecar.calibration import calibrate_offline
 from sidecar.config import Settings
 from sidecar.detector import load_cascade
 from sidecar.service import build_pipeline
+from sidecar.stream import Message
 
 # Both paths run the same float32 arrays through the same ONNX session, so the
 # scores must agree to the last bit; a tolerance would hide a drifting path.
@@ -67,3 +70,27 @@ def test_pipeline_scores_do_not_depend_on_batching(batch_size: int) -> None:
 
     reference = scores(64)
     assert scores(batch_size) == pytest.approx(reference, abs=1e-6)
+
+
+def test_pipeline_scores_ignore_arrival_times_when_timing_is_disabled() -> None:
+    """Test that retimed messages score the same when the model reads no timing.
+
+    Replaying through a broker stamps messages with wall-clock receive times;
+    the shipped models disable the timing group, so their verdicts must not
+    depend on when messages arrive.
+    """
+    settings = Settings()
+    models = load_cascade(settings.models, settings.detection, settings.window.length)
+    assert "timing" in models.spec.disabled_groups
+    messages = [item.message for item in _interleaved(simulate(seed=7))]
+    retimed = [
+        dataclasses.replace(message, received_at=1e9 + index * 0.001)
+        for index, message in enumerate(messages)
+    ]
+
+    def scores(stream: list[Message]) -> dict[tuple[str, int], float]:
+        pipeline = build_pipeline(settings, models)
+        result = pipeline.process(stream)
+        return {(s.device, s.seq): s.fused for s in result.scores}
+
+    assert scores(retimed) == scores(messages)
