@@ -6,10 +6,8 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from sidecar.config import Settings, load_settings
 from sidecar.detector import load_cascade
@@ -24,6 +22,9 @@ _LOG = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
+# What a service manager sends to stop us (systemd, Docker: SIGTERM) and what
+# Ctrl-C sends; both stop the sidecar cleanly.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
@@ -77,21 +78,41 @@ def _settings(path: Path | None) -> Settings:
 def _run(args: argparse.Namespace) -> int:
     from sidecar.service import Service
 
-    settings = _settings(args.config)
-    models = load_cascade(settings.models, settings.detection, settings.window.length)
-    service = Service(settings, models)
-    stop = threading.Event()
-
-    def _request_stop(signum: int, _frame: FrameType | None) -> None:
-        _LOG.info("stopping signal=%s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _request_stop)
-    signal.signal(signal.SIGINT, _request_stop)
-    service.start()
-    stop.wait()
-    service.stop()
+    # Blocked before any thread starts (paho's, the worker, onnxruntime's),
+    # so every thread inherits the mask and SIGTERM/SIGINT wait for sigwait
+    # below instead of interrupting whatever runs: no KeyboardInterrupt
+    # traceback, and a signal during start-up still ends in a clean stop.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        settings = _settings(args.config)
+        models = load_cascade(
+            settings.models, settings.detection, settings.window.length
+        )
+        service = Service(settings, models)
+        service.start()
+        try:
+            signum = signal.sigwait(STOP_SIGNALS)
+            _LOG.info("stopping signal=%s", signal.Signals(signum).name)
+        finally:
+            service.stop()
+    finally:
+        _unblock_stop_signals()
     return EXIT_OK
+
+
+def _unblock_stop_signals() -> None:
+    """Unblock the stop signals, first swallowing any that arrived meanwhile.
+
+    A second SIGTERM or SIGINT sent while the service was stopping would
+    otherwise be delivered on unblocking and kill the process (or raise
+    KeyboardInterrupt) just as it exits cleanly.
+    """
+    while STOP_SIGNALS & signal.sigpending():
+        signum = signal.sigwait(STOP_SIGNALS)
+        _LOG.info(
+            "signal ignored while stopping signal=%s", signal.Signals(signum).name
+        )
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

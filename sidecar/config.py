@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,6 +39,8 @@ __all__ = [
     "settings_from_mapping",
 ]
 
+_LOG = logging.getLogger(__name__)
+
 # Secrets may come from the environment instead of the file; nothing else does.
 ENV_USERNAME = "ANOMALY_SIDECAR_USERNAME"
 ENV_PASSWORD = "ANOMALY_SIDECAR_PASSWORD"
@@ -44,10 +48,14 @@ ENV_PASSWORD = "ANOMALY_SIDECAR_PASSWORD"
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 # MQTT 3.1.1 section 1.5.3: topics are UTF-8 strings of at most 65535 bytes.
 MAX_TOPIC_BYTES = 65535
-# Keys whose values are never echoed in an error, however they are spelled.
-_SECRET_WORDS = re.compile(r"pass|secret|token|key", re.IGNORECASE)
+# Keys whose values are never echoed in an error, however they are spelled;
+# `pas+w` and `pwd` also catch the usual misspellings (pasword, paswd, pwd).
+_SECRET_WORDS = re.compile(r"pass|pas+w|pwd|secret|token|key|cred", re.IGNORECASE)
 # Long enough to name the value, short enough to keep a message readable.
 MAX_VALUE_REPR = 80
+# chmod(2) permission bits: the file's group, or anyone, may read it. A
+# password in such a file is readable by every other account on the host.
+GROUP_OR_OTHERS_READ = stat.S_IRGRP | stat.S_IROTH
 
 
 class _Frozen(BaseModel):
@@ -275,10 +283,22 @@ def _check_filter(topic_filter: str) -> None:
 def _describe_value(location: tuple[int | str, ...], value: Any) -> str:
     if any(_SECRET_WORDS.search(str(part)) for part in location):
         return "'***'"
-    text = repr(value)
+    text = repr(_masked(value))
     if len(text) > MAX_VALUE_REPR:
         text = text[: MAX_VALUE_REPR - 3] + "..."
     return text
+
+
+def _masked(value: Any) -> Any:
+    """Return `value` with the value of every secret-named key inside it masked."""
+    if isinstance(value, dict):
+        return {
+            key: "***" if _SECRET_WORDS.search(str(key)) else _masked(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
 
 
 def _section_model(location: tuple[int | str, ...]) -> type[BaseModel] | None:
@@ -367,7 +387,9 @@ def _with_secret_overrides(data: dict[str, Any]) -> dict[str, Any]:
 def load_settings(path: Path | None) -> Settings:
     """Read and validate a YAML configuration file; None gives the defaults.
 
-    Relative model and TLS paths are resolved against the file's folder.
+    Relative model and TLS paths are resolved against the file's folder. A
+    file that holds a broker password and is readable by group or others is
+    logged as a warning, since every other account on the host can read it.
 
     Raises:
         ConfigError: If the file is unreadable, not YAML, or invalid.
@@ -382,9 +404,47 @@ def load_settings(path: Path | None) -> Settings:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(source, [f"(file): not valid YAML ({err})"]) from err
+        problem = f"(file): not valid YAML ({_yaml_problem(err)})"
+        raise ConfigError(source, [problem]) from err
+    _warn_if_password_exposed(path, data)
     settings = settings_from_mapping(data, source)
     return _resolve_paths(settings, path.parent)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's reason and position, without the line it quotes (it may be a secret)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return type(err).__name__
+
+
+def _warn_if_password_exposed(path: Path, data: Any) -> None:
+    """Warn when the file holds a broker password and others may read it.
+
+    Only the file's own `broker.password` counts: one from the environment
+    never touches the disk. Mode bits mean nothing outside POSIX, so no
+    warning is given there.
+    """
+    section = data.get("broker") if isinstance(data, dict) else None
+    if not isinstance(section, dict) or section.get("password") is None:
+        return
+    if os.name != "posix":
+        return
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        # It was read a moment ago; if it has gone since, there is nothing
+        # left to judge.
+        return
+    if mode & GROUP_OR_OTHERS_READ:
+        _LOG.warning(
+            "config file holds a broker password and is readable by group or "
+            "others path=%s mode=%04o; chmod 600 it, or pass the password in %s",
+            path,
+            mode,
+            ENV_PASSWORD,
+        )
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:

@@ -3,12 +3,19 @@
 Its callbacks do nothing but hand messages to the caller's `on_message`
 (which enqueues them) and keep the subscription alive across reconnects, so
 the network loop always gets back to its keepalive (pitfalls.md #1).
+
+When the broker goes away, paho's network thread reconnects on its own with
+exponential backoff, to which this adapter adds random jitter. QoS 1 and 2
+messages published meanwhile wait inside paho (paho 2.2 keeps them in its
+outgoing queue and sends them after the next CONNACK), up to `max_queued`.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +36,13 @@ _LOG = logging.getLogger(__name__)
 # for a hub restarting Mosquitto, long enough not to hammer a dead broker.
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
+# paho's backoff has no jitter, so every client of a restarted broker would
+# retry at the same instants; before each of paho's backoff waits the adapter
+# waits a random 0 to 1 s more. One backoff step (RECONNECT_MIN_S) of spread
+# is enough to break the lockstep without slowing a reconnect noticeably.
+RECONNECT_JITTER_S = 1.0
+# paho's own convention for "no bound" on messages waiting inside it.
+UNBOUNDED = 0
 # How long stop() waits for the offline status to leave before disconnecting.
 STOP_PUBLISH_TIMEOUT_S = 2.0
 # QoS of the subscription: 1 so the broker keeps messages in flight for us
@@ -46,15 +60,32 @@ STATUS_OFFLINE = b"offline"
 
 
 class PublishOutcome:
-    """What became of one publish: queued in paho, or refused at once."""
+    """What became of one publish: queued in paho, or refused at once.
 
-    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+    Args:
+        info: What paho's publish returned.
+        qos: The QoS it was published with.
+    """
+
+    def __init__(self, info: paho.MQTTMessageInfo, qos: int) -> None:
         self._info = info
+        self._qos = qos
 
     @property
     def accepted(self) -> bool:
-        """True if paho took it (sent now, or queued until reconnected)."""
-        return self._info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN)
+        """True if paho took it: sent now, or (QoS 1 and 2) held until reconnected.
+
+        While disconnected paho keeps QoS 1 and 2 messages and sends them
+        after the next CONNACK, but drops QoS 0 ones.
+        """
+        if self._info.rc == paho.MQTT_ERR_NO_CONN:
+            return self._qos > 0
+        return self._info.rc == paho.MQTT_ERR_SUCCESS
+
+    @property
+    def held(self) -> bool:
+        """True if it was held in paho because the broker was not connected."""
+        return self._qos > 0 and self._info.rc == paho.MQTT_ERR_NO_CONN
 
     @property
     def error(self) -> str:
@@ -62,7 +93,11 @@ class PublishOutcome:
         return paho.error_string(self._info.rc)
 
     def wait(self, timeout: float) -> bool:
-        """Wait until the broker acknowledged it; return whether it did."""
+        """Wait until the broker acknowledged it; return whether it did.
+
+        Always False for a held message: paho never updates the result code
+        of one sent after a reconnect.
+        """
         try:
             self._info.wait_for_publish(timeout)
         except (ValueError, RuntimeError):
@@ -81,6 +116,9 @@ class MqttAdapter:
             that only publishes (the replay tool).
         on_message: Called from paho's network thread for every message; it
             must return at once.
+        max_inflight: Unacknowledged QoS>0 messages on the wire at once.
+        max_queued: Messages waiting inside paho, in flight or held while
+            disconnected; past it publish is refused. `UNBOUNDED` by default.
     """
 
     def __init__(
@@ -90,15 +128,20 @@ class MqttAdapter:
         status_topic: str | None,
         on_message: Callable[[Message], None],
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        max_queued: int = UNBOUNDED,
     ) -> None:
         self._broker = broker
         self._filters = filters
         self._status_topic = status_topic
         self._on_message = on_message
         self._max_inflight = max_inflight
+        self._max_queued = max_queued
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.connects = 0
+        self._failures = 0
+        self._lost_at: float | None = None
+        self._closing = threading.Event()
         self._client = self._build_client()
 
     def _build_client(self) -> paho.Client:
@@ -125,7 +168,9 @@ class MqttAdapter:
         if self._status_topic is not None:
             client.will_set(self._status_topic, STATUS_OFFLINE, qos=1, retain=True)
         client.max_inflight_messages_set(self._max_inflight)
+        client.max_queued_messages_set(self._max_queued)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        client.on_connect_fail = self._mqtt_on_connect_fail
         client.on_connect = self._mqtt_on_connect
         client.on_disconnect = self._mqtt_on_disconnect
         client.on_subscribe = self._mqtt_on_subscribe
@@ -151,7 +196,7 @@ class MqttAdapter:
     ) -> PublishOutcome:
         """Publish; QoS 1 and 2 messages wait in paho while disconnected."""
         return PublishOutcome(
-            self._client.publish(topic, payload, qos=qos, retain=retain)
+            self._client.publish(topic, payload, qos=qos, retain=retain), qos
         )
 
     def stop_intake(self, timeout: float = STOP_PUBLISH_TIMEOUT_S) -> None:
@@ -165,8 +210,21 @@ class MqttAdapter:
             _LOG.warning("unsubscribe not acknowledged filters=%s", self._filters)
 
     def stop(self) -> None:
-        """Say offline on the status topic, disconnect and stop the loop."""
-        if self.connected.is_set() and self._status_topic is not None:
+        """Say offline on the status topic, disconnect and stop the loop.
+
+        Waiting for the offline status to be acknowledged also flushes every
+        message published before it: paho sends in order and the broker
+        handles one client's packets in order.
+        """
+        self._closing.set()
+        if not self.connected.is_set():
+            _LOG.warning(
+                "stopping while disconnected host=%s port=%d; anything still "
+                "held for the broker is lost",
+                self._broker.host,
+                self._broker.port,
+            )
+        elif self._status_topic is not None:
             outcome = self.publish(
                 self._status_topic, STATUS_OFFLINE, qos=1, retain=True
             )
@@ -177,6 +235,38 @@ class MqttAdapter:
         self._client.disconnect()
         self._client.loop_stop()
         _LOG.info("disconnected host=%s port=%d", self._broker.host, self._broker.port)
+
+    def _jitter(self) -> None:
+        """Wait a random part of RECONNECT_JITTER_S, unless stopping.
+
+        Called from paho's thread when a connection is lost or an attempt
+        fails, right before paho's own backoff wait (Client.loop_forever),
+        while nothing else is pending on the connection. Waiting here rather
+        than just before the next attempt lets a stop during the wait end the
+        loop without opening another socket.
+        """
+        jitter = random.uniform(0.0, RECONNECT_JITTER_S)
+        self._closing.wait(jitter)
+        _LOG.debug("reconnect jitter_s=%.2f", jitter)
+
+    def _mqtt_on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # paho 2.2 passes no cause, but calls this inside the `except OSError`
+        # around its connect (Client.loop_forever): the exception being
+        # handled is the cause.
+        cause = sys.exception()
+        self._failures += 1
+        # A certificate that fails to verify fails on every retry: lost
+        # function, unlike a broker that is briefly away.
+        level = logging.ERROR if isinstance(cause, ssl.SSLError) else logging.WARNING
+        _LOG.log(
+            level,
+            "connect failed host=%s port=%d failures=%d error=%r; retrying",
+            self._broker.host,
+            self._broker.port,
+            self._failures,
+            str(cause),
+        )
+        self._jitter()
 
     def _mqtt_on_connect(
         self,
@@ -195,13 +285,17 @@ class MqttAdapter:
             )
             return
         self.connects += 1
+        self._failures = 0
+        outage_s = 0.0 if self._lost_at is None else time.monotonic() - self._lost_at
+        self._lost_at = None
         self.connected.set()
         _LOG.info(
-            "connected host=%s port=%d session_present=%s connects=%d",
+            "connected host=%s port=%d session_present=%s connects=%d outage_s=%.1f",
             self._broker.host,
             self._broker.port,
             flags.session_present,
             self.connects,
+            outage_s,
         )
         if self._status_topic is not None:
             client.publish(self._status_topic, STATUS_ONLINE, qos=1, retain=True)
@@ -237,10 +331,20 @@ class MqttAdapter:
         reason: ReasonCode,
         properties: Any,
     ) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
         self.subscribed.clear()
-        if reason.is_failure:
+        if not reason.is_failure:
+            return
+        if was_connected:
+            self._lost_at = time.monotonic()
             _LOG.warning("connection lost reason=%r; paho reconnects", str(reason))
+            self._jitter()
+        else:
+            # An attempt dropped before its CONNACK, or paho 2.2 reporting a
+            # keepalive timeout a second time (loop_misc after
+            # _check_keepalive): the loss itself was logged already.
+            _LOG.debug("disconnected while not connected reason=%r", str(reason))
 
     def _mqtt_on_message(
         self, client: paho.Client, userdata: Any, message: paho.MQTTMessage

@@ -24,6 +24,20 @@ _LOG = logging.getLogger(__name__)
 
 # The worker wakes this often when idle, to notice a stop request.
 IDLE_POLL_S = 0.2
+# On stop, queued messages are processed and their verdicts published for at
+# most this long; the rest is shed and counted. With the 2 s unsubscribe and
+# 2 s offline-status waits (mqtt.STOP_PUBLISH_TIMEOUT_S) a stop stays under
+# Docker's default 10 s grace period between SIGTERM and SIGKILL.
+STOP_DRAIN_TIMEOUT_S = 5.0
+# After the drain deadline, how long to wait for a batch already inside the
+# models before disconnecting without it.
+STOP_BATCH_GRACE_S = 2.0
+# Verdicts (and the status) the MQTT client may hold while the broker is
+# away. Verdicts are rare, one per alarm transition: 10,000 covers a large
+# fleet's transitions through a long outage at about 1 kB each, and keeps a
+# dead broker from growing the process without limit. Past it a verdict is
+# refused, counted in publish_failures and logged.
+HELD_MESSAGES_LIMIT = 10_000
 # Counters are logged at INFO this often.
 STATS_INTERVAL_S = 60.0
 # Reserved levels under the output prefix; device segments never start with
@@ -62,7 +76,15 @@ class Service:
     """Run the sidecar: MQTT in, bounded queue, batched worker, verdicts out.
 
     When the queue is full the oldest waiting message is dropped and counted
-    as shed, so latency stays bounded and the newest data wins.
+    as shed, so latency stays bounded and the newest data wins. Every message
+    received is accounted for: received = processed + shed + own_output +
+    queue_depth, once the worker is between batches.
+
+    The service outlives broker outages: device state stays in the pipeline,
+    verdicts raised while disconnected are held in the MQTT client and sent
+    after the reconnect (see `sidecar.mqtt`), and per-window scores, which
+    are only worth anything live, are skipped meanwhile (counted in
+    `scores_skipped`, as are scores the MQTT client refuses).
     """
 
     def __init__(
@@ -75,13 +97,16 @@ class Service:
         self.pipeline = build_pipeline(settings, models)
         self._queue: queue.Queue[Message] = queue.Queue(settings.limits.queue_size)
         self._stop = threading.Event()
+        self._drain_deadline = math.inf
         self._on_verdict = on_verdict
         self._shed_lock = threading.Lock()
+        self._scores_skipped = 0
         self.adapter = MqttAdapter(
             settings.broker,
             settings.subscribe.include,
             status_topic(settings.output.prefix),
             self.enqueue,
+            max_queued=HELD_MESSAGES_LIMIT,
         )
         self._worker = threading.Thread(
             target=self._work, name="sidecar-worker", daemon=True
@@ -91,14 +116,23 @@ class Service:
     def counters(self) -> dict[str, int]:
         """A snapshot of every counter, plus queue depth and devices tracked."""
         snapshot = self.pipeline.counters.as_dict()
+        snapshot["scores_skipped"] = self._scores_skipped
         snapshot["queue_depth"] = self._queue.qsize()
         snapshot["devices_tracked"] = self.pipeline.devices_tracked
         return snapshot
 
     def enqueue(self, message: Message) -> None:
-        """Put a message on the queue without blocking (paho's thread calls this)."""
+        """Put a message on the queue without blocking (paho's thread calls this).
+
+        The sidecar's own output comes back through its `#` subscription; it
+        is counted here and never queued, so verdicts and scores can neither
+        feed the model nor crowd device traffic out of the queue.
+        """
         counters = self.pipeline.counters
         counters.received += 1
+        if self.pipeline.router.is_own_output(message.topic):
+            counters.own_output += 1
+            return
         try:
             self._queue.put_nowait(message)
         except queue.Full:
@@ -118,11 +152,23 @@ class Service:
         self._worker.start()
         self.adapter.start()
 
-    def stop(self) -> None:
-        """Stop intake, drain and publish what is queued, say offline, disconnect."""
+    def stop(self, drain_timeout: float = STOP_DRAIN_TIMEOUT_S) -> None:
+        """Stop intake, drain and publish what is queued, say offline, disconnect.
+
+        Args:
+            drain_timeout: Seconds to keep processing queued messages; what
+                is still queued after that is shed and counted.
+        """
         self.adapter.stop_intake()
+        self._drain_deadline = time.monotonic() + drain_timeout
         self._stop.set()
-        self._worker.join()
+        self._worker.join(drain_timeout + STOP_BATCH_GRACE_S)
+        if self._worker.is_alive():
+            _LOG.warning(
+                "worker still inside a batch after drain_timeout_s=%.1f; "
+                "disconnecting without its verdicts",
+                drain_timeout,
+            )
         self.adapter.stop()
         _LOG.info("stopped %s", _format_counters(self.counters))
 
@@ -130,6 +176,9 @@ class Service:
         batch_size = self.settings.limits.batch_size
         last_stats = time.monotonic()
         while True:
+            if self._stop.is_set() and time.monotonic() >= self._drain_deadline:
+                self._shed_queued()
+                return
             batch = self._next_batch(batch_size)
             if batch:
                 self._handle(batch)
@@ -138,6 +187,19 @@ class Service:
             if time.monotonic() - last_stats >= STATS_INTERVAL_S:
                 last_stats = time.monotonic()
                 _LOG.info("stats %s", _format_counters(self.counters))
+
+    def _shed_queued(self) -> None:
+        shed = 0
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+            shed += 1
+        if shed:
+            with self._shed_lock:
+                self.pipeline.counters.shed += shed
+            _LOG.warning("drain deadline reached; queued messages shed count=%d", shed)
 
     def _next_batch(self, batch_size: int) -> list[Message]:
         try:
@@ -175,6 +237,8 @@ class Service:
                 _LOG.error(
                     "verdict not published topic=%s error=%s", topic, outcome.error
                 )
+            elif outcome.held:
+                _LOG.info("verdict held until the broker is back topic=%s", topic)
             _LOG.info(
                 "verdict device=%r state=%s score=%.3f reason=%r",
                 verdict.device,
@@ -184,13 +248,17 @@ class Service:
             )
             if self._on_verdict is not None:
                 self._on_verdict(verdict)
-        if output.publish_scores:
+        if output.publish_scores and not self.adapter.connected.is_set():
+            self._scores_skipped += len(result.scores)
+        elif output.publish_scores:
             for score in result.scores:
-                self.adapter.publish(
+                outcome = self.adapter.publish(
                     score_topic(output.prefix, score.device),
                     _score_json(score),
                     output.qos,
                 )
+                if not outcome.accepted:
+                    self._scores_skipped += 1
 
 
 def _score_json(score: WindowScore) -> bytes:
