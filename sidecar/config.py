@@ -407,8 +407,17 @@ def load_settings(path: Path | None) -> Settings:
         problem = f"(file): not valid YAML ({_yaml_problem(err)})"
         raise ConfigError(source, [problem]) from err
     _warn_if_password_exposed(path, data)
-    settings = settings_from_mapping(data, source)
-    return _resolve_paths(settings, path.parent)
+    settings = _resolve_paths(settings_from_mapping(data, source), path.parent)
+    tls = settings.broker.tls
+    if tls is not None:
+        missing = [
+            f"broker.tls.{name}: file not found (got '{value}')"
+            for name in ("ca_file", "cert_file", "key_file")
+            if (value := getattr(tls, name)) is not None and not value.is_file()
+        ]
+        if missing:
+            raise ConfigError(source, missing)
+    return settings
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -51,6 +51,7 @@ class Counters:
     binary: int = 0
     oversized: int = 0
     warming: int = 0
+    retained_replays: int = 0
     calibrating: int = 0
     windows_scored: int = 0
     cnn_runs: int = 0
@@ -217,6 +218,12 @@ class Pipeline:
             self._count_route(route.kind)
             return None
 
+        if message.retain and route.device in self._devices:
+            # A retained message for a device already tracked is the broker
+            # replaying history after a (re)subscribe (payloads.md rule 6):
+            # scoring it again would add a stale reading to the window.
+            self.counters.retained_replays += 1
+            return None
         readings = self._parse(message, route.channel)
         tracked = self._tracked(route.device)
         before = tracked.state.dropped_keys

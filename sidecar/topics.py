@@ -81,9 +81,20 @@ class TopicRouter:
         self._exclude = tuple(exclude)
 
     def is_own_output(self, topic: str) -> bool:
-        """Return whether a topic is under the sidecar's output prefix."""
+        """Return whether a topic is the sidecar's output, bridged or not.
+
+        A bridge with a remote prefix republishes `anomalies/x` as
+        `site2/anomalies/x`; that copy is our output too and would otherwise
+        feed back into the model without end (pitfalls.md #7). So any topic
+        whose levels contain the prefix's levels is treated as our output.
+        """
         prefix = self._output_prefix
-        return topic == prefix or topic.startswith(prefix + "/")
+        return (
+            topic == prefix
+            or topic.startswith(prefix + "/")
+            or f"/{prefix}/" in topic
+            or topic.endswith("/" + prefix)
+        )
 
     def route(self, topic: str) -> Route:
         """Classify one topic."""

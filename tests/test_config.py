@@ -339,7 +339,9 @@ def test_load_settings_relative_paths_resolve_against_config_folder(
 ) -> None:
     """Test that relative model and TLS paths resolve against the file's folder."""
     folder = tmp_path / "etc" / "sidecar"
-    folder.mkdir(parents=True)
+    (folder / "certs").mkdir(parents=True)
+    for name in ("ca.crt", "client.crt", "client.key"):
+        (folder / "certs" / name).touch()
     path = _write(
         folder,
         "models:\n"
@@ -364,6 +366,8 @@ def test_load_settings_absolute_paths_are_kept(tmp_path: Path) -> None:
     """Test that absolute model and TLS paths are used as written."""
     models = tmp_path / "shared" / "models"
     ca_file = tmp_path / "pki" / "ca.crt"
+    ca_file.parent.mkdir()
+    ca_file.touch()
     path = _write(
         tmp_path,
         f"models:\n  directory: {models}\nbroker:\n  tls:\n    ca_file: {ca_file}\n",
@@ -441,3 +445,12 @@ def test_settings_are_frozen() -> None:
 
     with pytest.raises(ValueError, match="frozen"):
         settings.broker.port = 1
+
+
+def test_load_settings_reports_missing_tls_files(tmp_path: Path) -> None:
+    """Test that TLS files that do not exist are a config error, not a traceback."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("broker:\n  tls:\n    ca_file: nope.crt\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError, match=r"broker\.tls\.ca_file: file not found"):
+        load_settings(config)

@@ -143,9 +143,11 @@ RETRIES_WATCHED = 2
 # Scheduling slack on top of a backoff step plus its jitter, for a loaded
 # 2-core machine; paho's wait itself never ends early.
 BACKOFF_SLACK_S = 1.0
-# What sidecar.mqtt logs when the connection drops, and when a retry fails.
+# What sidecar.mqtt logs when the connection drops, when a retry fails, and
+# when its subscription holds.
 LOST_RECORD = "connection lost"
 FAILED_RECORD = "connect failed"
+SUBSCRIBED_RECORD = "subscribed filters="
 # Readings after a reconnect that must be scored without a new warm-up.
 READINGS_AFTER_RECONNECT = 10
 # Readings after the dry run's raise, so a live run whose raise comes a few
@@ -352,6 +354,13 @@ def _wait_counter(service: Service, name: str, value: int) -> None:
     )
 
 
+def _wait_learned(service: Service, models: LoadedModels) -> None:
+    """Wait until a device fed `_learning_length` readings has learned from all."""
+    spec = models.spec
+    _wait_counter(service, "warming", max(spec.warmup, spec.window))
+    _wait_counter(service, "calibrating", models.cascade.calibration.windows)
+
+
 def _accounted(counters: dict[str, int]) -> bool:
     """Whether every message received is processed, shed, own output or queued."""
     return counters["received"] == (
@@ -407,7 +416,7 @@ def test_service_verdict_raised_while_broker_down_arrives_once(
     with _running(settings, models) as service:
         with _publisher(broker) as client:
             _publish_readings(client, topic, range(learning))
-        _wait_counter(service, "calibrating", models.cascade.calibration.windows)
+        _wait_learned(service, models)
         before = service.counters
         assert before["verdicts_raised"] == 0
 
@@ -490,7 +499,7 @@ def test_service_broker_frozen_past_keepalive_reconnects_and_works(
     with _running(settings, models) as service:
         with _publisher(broker) as client:
             _publish_readings(client, topic, range(learning))
-        _wait_counter(service, "calibrating", models.cascade.calibration.windows)
+        _wait_learned(service, models)
 
         mosquitto.freeze()
         time.sleep(FREEZE_S)
@@ -703,6 +712,13 @@ def test_cli_run_stops_cleanly_on_signal(
             status_seen.wait_for(
                 lambda seen: any(m.payload == b"online" for m in seen),
                 timeout=STARTUP_TIMEOUT_S,
+            )
+            # `online` goes out before the SUBSCRIBE: readings published
+            # between the two would never reach the sidecar.
+            _wait_until(
+                lambda: SUBSCRIBED_RECORD in stderr_path.read_text(),
+                STARTUP_TIMEOUT_S,
+                "subscribed",
             )
             with _publisher(broker) as client:
                 _publish_readings(client, topic, range(readings))

@@ -1,0 +1,68 @@
+"""Pipeline behaviour on replays and echoes, with the shipped models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sidecar.config import Settings
+from sidecar.detector import LoadedModels, load_cascade
+from sidecar.service import build_pipeline
+from sidecar.stream import Message
+from sidecar.topics import TopicRouter
+
+
+@pytest.fixture(scope="module")
+def models() -> LoadedModels:
+    """The shipped models, loaded once."""
+    defaults = Settings()
+    return load_cascade(defaults.models, defaults.detection, defaults.window.length)
+
+
+def _reading(index: int) -> bytes:
+    return json.dumps({"power": 40 + index % 5}).encode()
+
+
+def test_pipeline_skips_retained_replays_of_tracked_devices(
+    models: LoadedModels,
+) -> None:
+    """Test that a retained replay after a reconnect is counted, not re-scored."""
+    pipeline = build_pipeline(Settings(), models)
+    pipeline.process([Message("shellies/plug1/relay/0/power", b"42.5", 1.0, True)])
+    pipeline.process([Message("shellies/plug1/relay/0/power", b"42.6", 2.0)])
+
+    pipeline.process([Message("shellies/plug1/relay/0/power", b"42.6", 3.0, True)])
+
+    assert pipeline.counters.retained_replays == 1
+    assert pipeline.counters.processed == 3
+    assert pipeline.devices_tracked == 1
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "anomalies/fridge_plug",
+        "site2/anomalies/fridge_plug",
+        "site2/anomalies/_scores/fridge_plug",
+        "remote/anomalies",
+    ],
+)
+def test_router_treats_bridged_output_as_own(topic: str) -> None:
+    """Test that our output republished under a bridge prefix is still ours."""
+    router = TopicRouter(Settings().topics, "anomalies")
+    assert router.is_own_output(topic)
+
+
+def test_pipeline_never_tracks_bridged_output(models: LoadedModels) -> None:
+    """Test that echoed verdicts under a bridge prefix never become a device."""
+    pipeline = build_pipeline(Settings(), models)
+    echoes = [
+        Message("site2/anomalies/fridge_plug", _reading(i), float(i))
+        for i in range(300)
+    ]
+
+    pipeline.process(echoes)
+
+    assert pipeline.devices_tracked == 0
+    assert pipeline.counters.own_output == 300
