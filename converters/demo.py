@@ -50,7 +50,6 @@ def run_demo(settings: Settings, data: Path, rate: float, out: TextIO) -> int:
     """Run the demo end to end and write what it caught to `out`."""
     source, streams = demo_streams(data)
     messages = list(interleave(streams))
-    labels = {(item.device, item.message.topic): item.attack_type for item in messages}
     verdicts: list[Verdict] = []
     lock = threading.Lock()
 
@@ -85,7 +84,7 @@ def run_demo(settings: Settings, data: Path, rate: float, out: TextIO) -> int:
         service.stop()
         counters = service.counters
 
-    _summary(out, streams, verdicts, counters, labels)
+    _summary(out, streams, verdicts, counters)
     return 0
 
 
@@ -94,7 +93,6 @@ def _summary(
     streams: dict[str, list[LabeledMessage]],
     verdicts: list[Verdict],
     counters: dict[str, int],
-    labels: dict[tuple[str, str], str],
 ) -> None:
     by_device: dict[str, list[Verdict]] = defaultdict(list)
     for verdict in verdicts:
@@ -123,4 +121,3 @@ def _summary(
         f"shed={counters['shed']} unparsable={counters['unparsable']} "
         f"missing={counters['missing']}\n"
     )
-    del labels
