@@ -430,12 +430,6 @@ class DeviceState:
             self._bad[order].astype(np.float64),
         )
 
-    def _key_z(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        means = np.array([b.stats.mean for b in self._key_baselines])
-        spreads = np.array([b.stats.spread() for b in self._key_baselines])
-        z: npt.NDArray[np.float64] = (values - means) / spreads
-        return z
-
     def features(self) -> WindowFeatures:
         """Compute both models' inputs for the window as it stands now."""
         spec = self.spec
