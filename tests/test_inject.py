@@ -123,7 +123,7 @@ def test_inject_labels_exactly_the_messages_it_changed_or_added(kind: str) -> No
             and previous == origin - 1
             and item.message == stream[origin].message
         )
-        if unchanged:
+        if unchanged and origin is not None:
             assert item == stream[origin]
         else:
             assert item.label == 1, (kind, item)
