@@ -58,6 +58,10 @@ MAX_VALUE_REPR = 80
 GROUP_OR_OTHERS_READ = stat.S_IRGRP | stat.S_IROTH
 
 
+# Named groups starting with this are secrets: masked when a topic is echoed.
+SECRET_GROUP_PREFIX = "secret"
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -126,7 +130,10 @@ class TopicRule(_Frozen):
     """One ordered rule mapping a topic to a device.
 
     The first rule whose regular expression matches the whole topic decides.
-    Named groups fill the `device` and `channel` templates.
+    Named groups fill the `device` and `channel` templates. Groups whose name
+    starts with `secret` (a Tuya bridge puts the device's local key in its
+    topics) are masked wherever the sidecar echoes the topic, and may not be
+    used in a template.
     """
 
     pattern: str
@@ -151,6 +158,12 @@ class TopicRule(_Frozen):
         groups = set(re.compile(self.pattern).groupindex)
         for name in ("device", "channel"):
             for field_name in re.findall(r"{(\w+)}", getattr(self, name)):
+                if field_name.startswith(SECRET_GROUP_PREFIX):
+                    message = (
+                        f"{name} template uses {{{field_name}}}, a secret group; "
+                        "secrets never go into device ids or verdict topics"
+                    )
+                    raise ValueError(message)
                 if field_name not in groups:
                     message = (
                         f"{name} template uses {{{field_name}}} but the pattern "
@@ -183,6 +196,13 @@ DEFAULT_TOPIC_RULES: list[dict[str, str]] = [
     _rule(r"shellies/(?P<device>[^/]+)/online", "availability"),
     _rule(r"(?P<device>[^/]+)/(online|status)", "availability"),
     _rule(r"zigbee2mqtt/(?P<device>.+)", channel=""),
+    # tuya-mqtt style bridges (payloads.md section 9): the topic carries the
+    # device's local key and IP; the device is the tuyAPI id alone.
+    _rule(
+        r"tuya/(?P<device>[^/]+)/(?P<secret_key>[^/]+)/(?P<secret_ip>[^/]+)"
+        r"/(?P<channel>state|dps(/[^/]+)?)",
+        channel="{channel}",
+    ),
     _rule(r"(tele|stat)/(?P<device>[^/]+)/(?P<channel>.+)", channel="{channel}"),
     _rule(r"shellies/(?P<device>[^/]+)/(?P<channel>.+)", channel="{channel}"),
     _rule(
@@ -242,6 +262,75 @@ class DetectionSettings(_Frozen):
     clear_after: Annotated[int, Field(ge=1, le=100_000)] | None = None
 
 
+class SilentSettings(_Frozen):
+    """When a device that stopped reporting is called silent.
+
+    Silent once quiet for longer than `factor` times its longest recent gap
+    (never less than `min_s`), judged only after `min_gaps` gaps were seen, so
+    a battery sensor that reports hourly is judged against its hour.
+    """
+
+    enabled: bool = True
+    factor: Annotated[float, Field(ge=1.0, le=1000.0)] = 3.0
+    min_s: Annotated[float, Field(ge=1.0, le=31_536_000.0)] = 300.0
+    min_gaps: Annotated[int, Field(ge=1, le=100_000)] = 8
+
+
+class FrozenSettings(_Frozen):
+    """When a value repeated while the device keeps reporting is called frozen.
+
+    A key is frozen when it has shown at least `min_distinct` values before,
+    has repeated one value for `min_messages` messages and for longer than
+    both `min_s` and `run_factor` times its longest earlier run.
+    """
+
+    enabled: bool = True
+    min_s: Annotated[float, Field(ge=1.0, le=31_536_000.0)] = 3600.0
+    min_messages: Annotated[int, Field(ge=2, le=1_000_000)] = 12
+    min_distinct: Annotated[int, Field(ge=2, le=1000)] = 5
+    run_factor: Annotated[float, Field(ge=1.0, le=1000.0)] = 2.0
+
+
+class UnavailableSettings(_Frozen):
+    """When a key reported as `unavailable`, `nan` or empty is called unavailable."""
+
+    enabled: bool = True
+    after_s: Annotated[float, Field(ge=0.0, le=31_536_000.0)] = 600.0
+
+
+class OfflineSettings(_Frozen):
+    """Whether availability announcements (bridge or LWT offline) raise verdicts."""
+
+    enabled: bool = True
+
+
+class ConditionSettings(_Frozen):
+    """Rule-based conditions beside the models: silent, frozen, unavailable, offline.
+
+    Their verdicts go to `<prefix>/<device>/<condition>`.
+    """
+
+    silent: SilentSettings = SilentSettings()
+    frozen: FrozenSettings = FrozenSettings()
+    unavailable: UnavailableSettings = UnavailableSettings()
+    offline: OfflineSettings = OfflineSettings()
+    # Silence and unavailability need a clock, not a message: how often the
+    # worker looks. Conditions are minutes long; seconds are plenty.
+    check_interval_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 5.0
+
+
+class HealthSettings(_Frozen):
+    """Self-checks of the data path, reported on `<prefix>/_health`."""
+
+    # After each connect a probe is published under the output prefix; if it
+    # does not come back within this many seconds, the broker is not
+    # delivering to us (pitfalls.md #5: a queue limit of 0, an ACL). 0 = off.
+    probe_timeout_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 10.0
+    # The broker's own count of messages it dropped for slow or queued
+    # subscribers (Mosquitto's $SYS, mosquitto(8)); empty = not watched.
+    broker_dropped_topic: str = "$SYS/broker/publish/messages/dropped"
+
+
 class LoggingSettings(_Frozen):
     """How the process logs."""
 
@@ -262,6 +351,8 @@ class Settings(_Frozen):
     window: WindowSettings = WindowSettings()
     models: ModelSettings = ModelSettings()
     detection: DetectionSettings = DetectionSettings()
+    conditions: ConditionSettings = ConditionSettings()
+    health: HealthSettings = HealthSettings()
     logging: LoggingSettings = LoggingSettings()
 
 

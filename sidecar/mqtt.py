@@ -314,11 +314,14 @@ class MqttAdapter:
         reasons: list[ReasonCode],
         properties: Any,
     ) -> None:
-        refused = [str(reason) for reason in reasons if reason.is_failure]
+        refused = [
+            f"{topic_filter}: {reason}"
+            for topic_filter, reason in zip(self._filters, reasons, strict=False)
+            if reason.is_failure
+        ]
         if refused:
-            _LOG.error(
-                "subscription refused filters=%s reasons=%s", self._filters, refused
-            )
+            _LOG.error("subscription refused filters=%s", refused)
+        if len(refused) == len(reasons):
             return
         _LOG.info("subscribed filters=%s", ",".join(self._filters))
         self.subscribed.set()

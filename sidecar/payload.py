@@ -59,6 +59,14 @@ MAX_ARRAY_ITEMS = 8
 # json.loads recurses per nesting level; a hostile payload of nested brackets
 # would hit Python's recursion limit, so nesting is checked before parsing.
 MAX_JSON_DEPTH = 32
+# Failed readings written as bare words inside JSON (ESPHome and Tasmota
+# sensors print C's `nan`, `-nan`, `inf`; esphome-core #272): not valid JSON,
+# so a payload that fails to parse is retried with them read as null. Only
+# words standing where a value stands (after `:`, `[` or `,`) are touched.
+_BARE_FAILED_WORDS = re.compile(
+    r"(?<=[:\[,])(\s*)(?:-?nan|-?inf(?:inity)?|none|undefined)(\s*)(?=[,}\]])",
+    re.IGNORECASE,
+)
 
 
 class PayloadKind(enum.StrEnum):
@@ -199,7 +207,13 @@ def _parse_json(text: str, max_keys: int, ignored_keys: frozenset[str]) -> Readi
     try:
         document = json.loads(text)
     except (ValueError, RecursionError):
-        return Readings(PayloadKind.UNPARSABLE)
+        repaired = _BARE_FAILED_WORDS.sub(r"\1null\2", text)
+        if repaired == text:
+            return Readings(PayloadKind.UNPARSABLE)
+        try:
+            document = json.loads(repaired)
+        except (ValueError, RecursionError):
+            return Readings(PayloadKind.UNPARSABLE)
 
     values: dict[str, float] = {}
     missing: set[str] = set()

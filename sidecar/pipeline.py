@@ -16,19 +16,18 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from sidecar.calibration import DeviceCalibration
-from sidecar.config import LimitSettings
+from sidecar.conditions import ConditionVerdict, DeviceWatch, availability_state
+from sidecar.config import ConditionSettings, LimitSettings
 from sidecar.detector import Cascade
 from sidecar.features import DeviceState, FeatureSpec
 from sidecar.payload import PayloadKind, Readings, parse_payload
 from sidecar.stream import Message
-from sidecar.topics import RouteKind, TopicRouter
+from sidecar.topics import Route, RouteKind, TopicRouter
 from sidecar.verdicts import AlarmLifecycle, Transition, Verdict
 
 __all__ = ["BatchResult", "Counters", "Pipeline", "WindowScore"]
 
 _LOG = logging.getLogger(__name__)
-# Payload excerpts in DEBUG lines are cut to this many bytes (HA's habit).
-LOG_PAYLOAD_BYTES = 64
 # How many of the furthest-off keys a verdict names.
 EVIDENCE_KEYS = 3
 
@@ -59,6 +58,8 @@ class Counters:
     keys_dropped: int = 0
     verdicts_raised: int = 0
     verdicts_cleared: int = 0
+    conditions_raised: int = 0
+    conditions_cleared: int = 0
     publish_failures: int = 0
     worker_errors: int = 0
 
@@ -89,12 +90,14 @@ class BatchResult:
 
     verdicts: list[Verdict] = field(default_factory=list)
     scores: list[WindowScore] = field(default_factory=list)
+    conditions: list[ConditionVerdict] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class _Tracked:
     state: DeviceState
     calibration: DeviceCalibration
+    watch: DeviceWatch = field(default_factory=DeviceWatch)
     seq: int = -1
 
 
@@ -112,7 +115,12 @@ class Pipeline:
     """Turn batches of messages into verdicts, keeping per-device state.
 
     Device state is bounded: past `limits.max_devices`, the device seen least
-    recently is evicted and counted.
+    recently is evicted and counted; whatever it had raised is cleared with a
+    verdict that says why, so no retained alarm outlives its device's state.
+
+    Beside the models, each device's rule-based conditions (silent, frozen,
+    unavailable, offline; `sidecar.conditions`) are judged on every message
+    and, for what only time shows, by `check`.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class Pipeline:
         lifecycle: AlarmLifecycle,
         limits: LimitSettings,
         model_versions: dict[str, str],
+        conditions: ConditionSettings | None = None,
     ) -> None:
         self.router = router
         self.cascade = cascade
@@ -130,6 +139,11 @@ class Pipeline:
         self.lifecycle = lifecycle
         self.limits = limits
         self.model_versions = model_versions
+        self.conditions = conditions if conditions is not None else ConditionSettings()
+        # Conditions and eviction clears found while ingesting, handed out by
+        # the next `process` result.
+        self._conditions: list[ConditionVerdict] = []
+        self._evicted: list[Verdict] = []
         self.counters = Counters()
         self._device_spec = dataclasses.replace(
             spec, max_keys=limits.max_keys_per_device
@@ -159,7 +173,10 @@ class Pipeline:
             vectors.append(features.vector)
             windows.append(features.window)
 
-        result = BatchResult()
+        result = BatchResult(verdicts=self._evicted, conditions=self._conditions)
+        self._evicted = []
+        self._conditions = []
+        self._count_conditions(result.conditions)
         if not pending:
             return result
         scores = self.cascade.score(np.stack(vectors), np.stack(windows), calibrations)
@@ -201,7 +218,7 @@ class Pipeline:
                     score=fused,
                     rf_score=rf,
                     cnn_score=cnn,
-                    topic=message.topic,
+                    topic=self.router.public_topic(message.topic),
                     received_at=message.received_at,
                     seq=seq,
                     models=self.model_versions,
@@ -214,6 +231,10 @@ class Pipeline:
 
     def _ingest(self, message: Message) -> tuple[str, _Tracked] | None:
         route = self.router.route(message.topic)
+        if route.kind is RouteKind.AVAILABILITY:
+            self.counters.availability += 1
+            self._announce(route, message)
+            return None
         if route.kind is not RouteKind.TELEMETRY:
             self._count_route(route.kind)
             return None
@@ -224,10 +245,20 @@ class Pipeline:
             # scoring it again would add a stale reading to the window.
             self.counters.retained_replays += 1
             return None
-        readings = self._parse(message, route.channel)
-        tracked = self._tracked(route.device)
+        readings = self._parse(message, route)
+        tracked = self._tracked(route.device, message.received_at)
         before = tracked.state.dropped_keys
         tracked.state.update(readings, len(message.payload), message.received_at)
+        self._conditions.extend(
+            tracked.watch.observe(
+                route.device,
+                readings,
+                message.received_at,
+                self.conditions,
+                default_key=route.channel or "value",
+                max_keys=self.limits.max_keys_per_device,
+            )
+        )
         self.counters.keys_dropped += tracked.state.dropped_keys - before
         tracked.seq += 1
         if not tracked.state.ready:
@@ -235,7 +266,8 @@ class Pipeline:
             return None
         return route.device, tracked
 
-    def _parse(self, message: Message, channel: str) -> Readings:
+    def _parse(self, message: Message, route: Route) -> Readings:
+        channel = route.channel
         readings = parse_payload(
             message.payload,
             key=channel or "value",
@@ -245,11 +277,10 @@ class Pipeline:
         if counter is not None:
             setattr(self.counters, counter, getattr(self.counters, counter) + 1)
             _LOG.debug(
-                "payload kind=%s topic=%r size=%d head=%r",
+                "payload kind=%s topic=%r size=%d",
                 readings.kind.value,
-                message.topic,
+                route.public_topic or message.topic,
                 len(message.payload),
-                message.payload[:LOG_PAYLOAD_BYTES],
             )
         if channel and readings.kind is PayloadKind.JSON:
             readings = Readings(
@@ -270,16 +301,79 @@ class Pipeline:
         else:
             self.counters.unknown_topic += 1
 
-    def _tracked(self, device: str) -> _Tracked:
+    def _tracked(self, device: str, at: float) -> _Tracked:
         tracked = self._devices.get(device)
         if tracked is not None:
             self._devices.move_to_end(device)
             return tracked
         if len(self._devices) >= self.limits.max_devices:
-            evicted, _ = self._devices.popitem(last=False)
+            evicted, old = self._devices.popitem(last=False)
+            self._clear_evicted(evicted, old, at)
             self.lifecycle.forget(evicted)
             self.counters.devices_evicted += 1
             _LOG.debug("device evicted device=%r", evicted)
         tracked = _Tracked(DeviceState(self._device_spec), self.cascade.new_device())
         self._devices[device] = tracked
         return tracked
+
+    def check(self, now: float) -> list[ConditionVerdict]:
+        """Judge what only the clock shows (silence, long unavailability)."""
+        found = []
+        for device, tracked in self._devices.items():
+            found.extend(tracked.watch.check(device, now, self.conditions))
+        self._count_conditions(found)
+        return found
+
+    def _announce(self, route: Route, message: Message) -> None:
+        if not self.conditions.offline.enabled:
+            return
+        online = availability_state(message.payload)
+        if online is None:
+            return
+        change = self._tracked(route.device, message.received_at).watch.announce(
+            route.device,
+            online,
+            message.received_at,
+            route.public_topic or message.topic,
+        )
+        if change is not None:
+            self._conditions.append(change)
+
+    def _count_conditions(self, found: Sequence[ConditionVerdict]) -> None:
+        for item in found:
+            if item.state is Transition.RAISED:
+                self.counters.conditions_raised += 1
+            else:
+                self.counters.conditions_cleared += 1
+
+    def _clear_evicted(self, device: str, old: _Tracked, now: float) -> None:
+        """Clear, with a reason, whatever an evicted device had raised."""
+        note = (
+            f"no longer tracked: more than limits.max_devices="
+            f"{self.limits.max_devices} devices; it was seen least recently"
+        )
+        if self.lifecycle.in_alarm(device):
+            self.counters.verdicts_cleared += 1
+            self._evicted.append(
+                Verdict(
+                    device=device,
+                    state=Transition.CLEARED,
+                    score=math.nan,
+                    rf_score=math.nan,
+                    cnn_score=math.nan,
+                    topic="",
+                    received_at=now,
+                    seq=old.seq,
+                    models=self.model_versions,
+                    evidence=(),
+                    typical_gap_s=math.nan,
+                    last_gap_s=math.nan,
+                    note=note,
+                )
+            )
+        for kind in old.watch.raised():
+            self._conditions.append(
+                ConditionVerdict(
+                    device, kind, Transition.CLEARED, now, now, detail=note
+                )
+            )

@@ -8,17 +8,28 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from sidecar.conditions import ConditionKind, ConditionVerdict
 from sidecar.config import Settings
 from sidecar.detector import LoadedModels
+from sidecar.health import DataPathHealth
 from sidecar.mqtt import MqttAdapter
 from sidecar.pipeline import BatchResult, Pipeline, WindowScore
 from sidecar.stream import Message
-from sidecar.topics import TopicRouter, device_topic_segment
+from sidecar.topics import TopicRouter, device_topic_segment, filter_matches
 from sidecar.verdicts import AlarmLifecycle, Verdict
 
-__all__ = ["Service", "build_pipeline", "score_topic", "status_topic", "verdict_topic"]
+__all__ = [
+    "Service",
+    "build_pipeline",
+    "condition_topic",
+    "health_topic",
+    "probe_topic",
+    "score_topic",
+    "status_topic",
+    "verdict_topic",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -44,6 +55,10 @@ STATS_INTERVAL_S = 60.0
 # `_` (see topics.device_topic_segment), so they cannot collide.
 STATUS_LEVEL = "_status"
 SCORES_LEVEL = "_scores"
+HEALTH_LEVEL = "_health"
+PROBE_LEVEL = "_probe"
+# How often the worker runs its clock-driven duties (probe, broker counter).
+TICK_INTERVAL_S = 1.0
 
 
 def status_topic(prefix: str) -> str:
@@ -54,6 +69,21 @@ def status_topic(prefix: str) -> str:
 def verdict_topic(prefix: str, device: str) -> str:
     """The topic a device's verdicts are published on."""
     return f"{prefix}/{device_topic_segment(device)}"
+
+
+def condition_topic(prefix: str, device: str, kind: ConditionKind) -> str:
+    """The topic a device's silent/frozen/unavailable/offline verdicts go to."""
+    return f"{prefix}/{device_topic_segment(device)}/{kind.value}"
+
+
+def health_topic(prefix: str) -> str:
+    """The retained topic of the sidecar's data-path self-checks."""
+    return f"{prefix}/{HEALTH_LEVEL}"
+
+
+def probe_topic(prefix: str) -> str:
+    """The topic the start-up probe travels on, out and back."""
+    return f"{prefix}/{PROBE_LEVEL}"
 
 
 def score_topic(prefix: str, device: str) -> str:
@@ -68,7 +98,13 @@ def build_pipeline(settings: Settings, models: LoadedModels) -> Pipeline:
     )
     lifecycle = AlarmLifecycle(models.alarm_after, models.clear_after)
     return Pipeline(
-        router, models.cascade, models.spec, lifecycle, settings.limits, models.versions
+        router,
+        models.cascade,
+        models.spec,
+        lifecycle,
+        settings.limits,
+        models.versions,
+        settings.conditions,
     )
 
 
@@ -101,9 +137,13 @@ class Service:
         self._on_verdict = on_verdict
         self._shed_lock = threading.Lock()
         self._scores_skipped = 0
+        prefix = settings.output.prefix
+        self.health = DataPathHealth(
+            health_topic(prefix), probe_topic(prefix), settings.health, self._send
+        )
         self.adapter = MqttAdapter(
             settings.broker,
-            settings.subscribe.include,
+            _filters(settings),
             status_topic(settings.output.prefix),
             self.enqueue,
             max_queued=HELD_MESSAGES_LIMIT,
@@ -130,6 +170,7 @@ class Service:
         """
         counters = self.pipeline.counters
         counters.received += 1
+        self.health.on_message(message.topic, message.payload)
         if self.pipeline.router.is_own_output(message.topic):
             counters.own_output += 1
             return
@@ -174,7 +215,7 @@ class Service:
 
     def _work(self) -> None:
         batch_size = self.settings.limits.batch_size
-        last_stats = time.monotonic()
+        last_stats = last_tick = last_check = time.monotonic()
         while True:
             if self._stop.is_set() and time.monotonic() >= self._drain_deadline:
                 self._shed_queued()
@@ -184,8 +225,17 @@ class Service:
                 self._handle(batch)
             elif self._stop.is_set():
                 return
-            if time.monotonic() - last_stats >= STATS_INTERVAL_S:
-                last_stats = time.monotonic()
+            now = time.monotonic()
+            if now - last_tick >= TICK_INTERVAL_S:
+                last_tick = now
+                self.health.tick(
+                    time.time(), self.adapter.connects, self.adapter.subscribed.is_set()
+                )
+            if now - last_check >= self.settings.conditions.check_interval_s:
+                last_check = now
+                self._publish_conditions(self.pipeline.check(time.time()))
+            if now - last_stats >= STATS_INTERVAL_S:
+                last_stats = now
                 _LOG.info("stats %s", _format_counters(self.counters))
 
     def _shed_queued(self) -> None:
@@ -248,6 +298,7 @@ class Service:
             )
             if self._on_verdict is not None:
                 self._on_verdict(verdict)
+        self._publish_conditions(result.conditions)
         if output.publish_scores and not self.adapter.connected.is_set():
             self._scores_skipped += len(result.scores)
         elif output.publish_scores:
@@ -259,6 +310,48 @@ class Service:
                 )
                 if not outcome.accepted:
                     self._scores_skipped += 1
+
+    def _publish_conditions(self, found: Sequence[ConditionVerdict]) -> None:
+        prefix = self.settings.output.prefix
+        for item in found:
+            topic = condition_topic(prefix, item.device, item.kind)
+            if not self._send(topic, item.to_json(), True):
+                self.pipeline.counters.publish_failures += 1
+                _LOG.error("condition not published topic=%s", topic)
+            _LOG.info(
+                "condition device=%r kind=%s state=%s reason=%r",
+                item.device,
+                item.kind.value,
+                item.state.value,
+                item.reason(),
+            )
+
+    def _send(self, topic: str, payload: bytes, retain: bool) -> bool:
+        """Publish at the output QoS; return whether the client took it."""
+        outcome = self.adapter.publish(
+            topic, payload, self.settings.output.qos, retain=retain
+        )
+        return outcome.accepted
+
+
+def _filters(settings: Settings) -> list[str]:
+    """The configured filters plus what the self-checks need and they miss.
+
+    `#` does not match `$SYS` topics (MQTT 3.1.1 section 4.7.2), so the
+    broker's drop counter is always subscribed by name; the probe only when
+    no configured filter covers it, to avoid a second copy of each probe.
+    """
+    filters = list(settings.subscribe.include)
+    prefix = settings.output.prefix
+    wanted = []
+    if settings.health.probe_timeout_s > 0:
+        wanted.append(probe_topic(prefix))
+    if settings.health.broker_dropped_topic:
+        wanted.append(settings.health.broker_dropped_topic)
+    for topic in wanted:
+        if not any(filter_matches(item, topic) for item in filters):
+            filters.append(topic)
+    return filters
 
 
 def _score_json(score: WindowScore) -> bytes:

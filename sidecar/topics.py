@@ -8,9 +8,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sidecar.config import TopicRule
+from sidecar.config import SECRET_GROUP_PREFIX, TopicRule
 
 __all__ = [
+    "SECRET_MASK",
     "Route",
     "RouteKind",
     "TopicRouter",
@@ -28,6 +29,8 @@ DIGEST_CHARS = 10
 # never do, so a device can never be mistaken for the status or score topics.
 RESERVED_SEGMENT_PREFIX = "_"
 MAX_DEVICE_ID_CHARS = 256
+# What replaces a secret topic level wherever the sidecar echoes a topic.
+SECRET_MASK = "***"
 
 
 class RouteKind(enum.StrEnum):
@@ -42,11 +45,16 @@ class RouteKind(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where a topic leads: its kind, device id and channel (sub-topic key)."""
+    """Where a topic leads: its kind, device id and channel (sub-topic key).
+
+    `public_topic` is the topic with secret levels masked; it is what verdicts
+    and logs may show. Empty when the topic holds no secret.
+    """
 
     kind: RouteKind
     device: str = ""
     channel: str = ""
+    public_topic: str = ""
 
 
 _UNKNOWN = Route(RouteKind.UNKNOWN)
@@ -113,8 +121,38 @@ class TopicRouter:
             if not device or len(device) > MAX_DEVICE_ID_CHARS:
                 return _UNKNOWN
             channel = rule.channel.format(**groups)
-            return Route(RouteKind(rule.kind), device, channel)
+            return Route(RouteKind(rule.kind), device, channel, _masked(match))
         return _UNKNOWN
+
+    def public_topic(self, topic: str) -> str:
+        """Return the topic as it may be shown: secret levels masked.
+
+        >>> from sidecar.config import Settings
+        >>> router = TopicRouter(Settings().topics, output_prefix="anomalies")
+        >>> router.public_topic("tuya/0123abc/f00dfeedbeef/192.168.1.9/dps")
+        'tuya/0123abc/***/***/dps'
+        """
+        return self.route(topic).public_topic or topic
+
+
+def _masked(match: re.Match[str]) -> str:
+    """Return the matched topic with every `secret*` group masked, or ""."""
+    spans = sorted(
+        match.span(name)
+        for name, value in match.groupdict().items()
+        if name.startswith(SECRET_GROUP_PREFIX) and value
+    )
+    if not spans:
+        return ""
+    topic = match.string
+    parts = []
+    end = 0
+    for start, stop in spans:
+        parts.append(topic[end:start])
+        parts.append(SECRET_MASK)
+        end = stop
+    parts.append(topic[end:])
+    return "".join(parts)
 
 
 def device_topic_segment(device: str) -> str:

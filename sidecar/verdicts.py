@@ -95,9 +95,13 @@ class Verdict:
     evidence: tuple[KeyDeviation, ...]
     typical_gap_s: float
     last_gap_s: float
+    # Set when the verdict is not the models' judgement (an evicted device).
+    note: str = ""
 
     def reason(self) -> str:
         """Say in one line which readings stood out against the baseline."""
+        if self.note:
+            return self.note
         if self.state is Transition.CLEARED:
             return "readings back within the device's usual range and rhythm"
         parts = []

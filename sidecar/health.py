@@ -1,0 +1,199 @@
+"""Self-checks of the data path: a probe out and back, and the broker's drop count.
+
+A sidecar that receives nothing looks exactly like a quiet home. Two checks
+tell them apart and are published, retained, on `<prefix>/_health`:
+
+- After every connect a probe with a fresh nonce is published under the
+  output prefix. If the broker does not deliver it back within
+  `health.probe_timeout_s`, it is not delivering to us: a queue limit that
+  drops everything (Mosquitto 2.0.16 with `max_queued_messages 0`,
+  pitfalls.md #5), an ACL without read rights, a bridge that loops nothing.
+- Mosquitto counts the messages it dropped for subscribers whose queues were
+  full (`$SYS/broker/publish/messages/dropped`, pitfalls.md #3). When that
+  count grows, data was lost between devices and us, and the health topic
+  says how much.
+
+Shortcomings, named: the broker's count covers all its clients, so a drop
+cannot be pinned on our subscription or on one device; windows that span the
+hole are scored as they are, and the health topic is the warning. Device
+payloads seldom carry sequence numbers (zigbee2mqtt, Tasmota and Shelly do
+not), so gaps are not detected per device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sidecar.config import HealthSettings
+
+__all__ = ["DataPathHealth", "ProbeState"]
+
+_LOG = logging.getLogger(__name__)
+
+# Longest `$SYS` payload worth decoding as a counter.
+MAX_COUNTER_BYTES = 32
+# Bytes of randomness in a probe's nonce.
+NONCE_BYTES = 8
+# A loss is reported as a problem for this long after the count last grew,
+# then the health document goes back to ok. Mosquitto refreshes $SYS every
+# 10 s by default (sys_interval), so a minute spans several refreshes.
+DROP_NOTICE_S = 60.0
+
+
+class ProbeState:
+    """What the last probe found (plain strings, as published)."""
+
+    OFF = "off"
+    PENDING = "pending"
+    OK = "ok"
+    MISSING = "missing"
+
+
+class DataPathHealth:
+    """Run the probe and watch the broker's drop count; publish what changes.
+
+    Args:
+        health_topic: Where the retained health document goes.
+        probe_topic: Where the probe travels, out and back.
+        settings: Timeouts and the broker counter's topic.
+        publish: Publishes (topic, payload, retain); returns whether the
+            client accepted it.
+    """
+
+    def __init__(
+        self,
+        health_topic: str,
+        probe_topic: str,
+        settings: HealthSettings,
+        publish: Callable[[str, bytes, bool], bool],
+    ) -> None:
+        self.health_topic = health_topic
+        self.probe_topic = probe_topic
+        self.settings = settings
+        self._publish = publish
+        self._lock = threading.Lock()
+        self.probe_state = ProbeState.OFF
+        self._nonce = b""
+        self._probe_seen = False
+        self._probe_deadline = math.inf
+        self._probed_connect = 0
+        self._dropped_total: int | None = None
+        self.dropped_reported = 0
+        self.dropped_new = 0
+        self._dropped_at = -math.inf
+        self._changed = False
+
+    @property
+    def dropped_total(self) -> int | None:
+        """The broker's latest drop count, None until it has been read."""
+        return self._dropped_total
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """Note a probe or a broker counter; called from the MQTT thread."""
+        if topic == self.probe_topic:
+            with self._lock:
+                if self._nonce and payload == self._nonce:
+                    self._probe_seen = True
+        elif topic == self.settings.broker_dropped_topic:
+            count = _counter(payload)
+            if count is not None:
+                self._dropped_total = count
+
+    def tick(self, now: float, connects: int, subscribed: bool) -> None:
+        """Run the checks that the clock drives; publish the document on change."""
+        if self.settings.probe_timeout_s > 0:
+            self._run_probe(now, connects, subscribed)
+        total = self._dropped_total
+        if total is not None and total > self.dropped_reported:
+            self.dropped_new = total - self.dropped_reported
+            self.dropped_reported = total
+            self._dropped_at = now
+            self._changed = True
+            _LOG.warning(
+                "broker dropped messages new=%d total=%d topic=%s; windows may "
+                "span a hole in the data",
+                self.dropped_new,
+                total,
+                self.settings.broker_dropped_topic,
+            )
+        elif self.dropped_new and now - self._dropped_at > DROP_NOTICE_S:
+            self.dropped_new = 0
+            self._changed = True
+        if self._changed:
+            self._changed = False
+            self._publish(self.health_topic, self.document(now), True)
+
+    def document(self, now: float) -> bytes:
+        """The health JSON: overall state, the probe and the broker's drops."""
+        problems = []
+        if self.probe_state == ProbeState.MISSING:
+            problems.append(
+                f"probe on {self.probe_topic} not delivered back within "
+                f"{self.settings.probe_timeout_s:g} s: the broker is not passing "
+                "messages to the sidecar (queue limits, ACL read rights?)"
+            )
+        if self.dropped_new:
+            problems.append(
+                f"broker dropped {self.dropped_new} messages "
+                f"({self.dropped_reported} since it started)"
+            )
+        document: dict[str, Any] = {
+            "state": "problem" if problems else "ok",
+            "time": datetime.fromtimestamp(now, UTC).isoformat(),
+            "probe": self.probe_state,
+            "broker_dropped_total": self._dropped_total,
+            "broker_dropped_new": self.dropped_new,
+            "problems": problems,
+        }
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    def _run_probe(self, now: float, connects: int, subscribed: bool) -> None:
+        if connects != self._probed_connect and subscribed:
+            with self._lock:
+                self._nonce = secrets.token_hex(NONCE_BYTES).encode()
+                self._probe_seen = False
+            self._probed_connect = connects
+            self._probe_deadline = now + self.settings.probe_timeout_s
+            if self.probe_state != ProbeState.MISSING:
+                self.probe_state = ProbeState.PENDING
+            self._publish(self.probe_topic, self._nonce, False)
+            return
+        if self.probe_state not in (ProbeState.PENDING, ProbeState.MISSING):
+            return
+        with self._lock:
+            seen = self._probe_seen
+        if seen:
+            self.probe_state = ProbeState.OK
+            self._changed = True
+            _LOG.info("probe came back topic=%s", self.probe_topic)
+        elif now >= self._probe_deadline and self.probe_state == ProbeState.PENDING:
+            self.probe_state = ProbeState.MISSING
+            self._changed = True
+            _LOG.error(
+                "probe not delivered back topic=%s timeout_s=%g; the broker is "
+                "not passing messages to the sidecar",
+                self.probe_topic,
+                self.settings.probe_timeout_s,
+            )
+
+
+def _counter(payload: bytes) -> int | None:
+    """Read a `$SYS` counter payload.
+
+    >>> _counter(b"412"), _counter(b"junk"), _counter(b"-1")
+    (412, None, None)
+    """
+    if len(payload) > MAX_COUNTER_BYTES:
+        return None
+    try:
+        value = int(payload.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if value >= 0 else None
