@@ -62,10 +62,30 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     train = commands.add_parser("train", help="train and export both models")
-    train.add_argument("--dataset", choices=["ton_iot"], required=True)
-    train.add_argument("--data", type=Path, required=True)
-    train.add_argument("--out", type=Path, default=Path("models"))
+    train.add_argument(
+        "--dataset",
+        choices=["ton_iot", "simulation"],
+        help="labeled dataset (supervised: ton_iot); with --self-supervised, "
+        "simulation or ton_iot (its normal train rows) as normal traffic",
+    )
+    train.add_argument(
+        "--data",
+        type=Path,
+        help="the dataset's folder; with --self-supervised and no --dataset, "
+        "a JSON-lines recording of normal traffic (file or folder)",
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: models; required "
+        "with --self-supervised, so the shipped models are not replaced)",
+    )
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--self-supervised",
+        action="store_true",
+        help="learn from normal traffic with injected faults; no labels needed",
+    )
     return parser
 
 
@@ -129,10 +149,35 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.self_supervised:
+        return _train_self_supervised(args)
+    if args.dataset != "ton_iot" or args.data is None:
+        sys.stderr.write(
+            "anomaly-sidecar train: supervised training needs --dataset ton_iot "
+            "and --data (or add --self-supervised)\n"
+        )
+        return EXIT_CONFIG
     from converters.train import train_command
 
     _settings(None)
-    return train_command(args.data, args.out, args.seed)
+    return train_command(args.data, args.out or Path("models"), args.seed)
+
+
+def _train_self_supervised(args: argparse.Namespace) -> int:
+    from converters.selfsup import selfsup_command
+
+    if args.out is None or (args.dataset is None and args.data is None):
+        sys.stderr.write(
+            "anomaly-sidecar train --self-supervised: needs --out and either "
+            "--data RECORDING or --dataset simulation|ton_iot\n"
+        )
+        return EXIT_CONFIG
+    _settings(None)
+    try:
+        return selfsup_command(args.dataset, args.data, args.out, args.seed)
+    except (FileNotFoundError, ValueError) as err:
+        sys.stderr.write(f"anomaly-sidecar train: {err}\n")
+        return EXIT_CONFIG
 
 
 _COMMANDS = {"run": _run, "evaluate": _evaluate, "demo": _demo, "train": _train}
