@@ -94,6 +94,11 @@ class BrokerSettings(_Frozen):
     # Mosquitto drops a client after 1.5 keepalives of silence (MQTT 3.1.1,
     # section 3.1.2.10); 30 s keeps a hub's dead-peer detection under a minute.
     keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+    # Keep the session (and the broker's queue of QoS 1 messages for us)
+    # while the sidecar is away, so a restart resumes instead of starting
+    # blind. Off by default: what the broker queues is bounded by its own
+    # limits, and what it drops is counted in $SYS (see `health`).
+    persistent_session: bool = False
 
 
 class SubscribeSettings(_Frozen):

@@ -150,6 +150,7 @@ class MqttAdapter:
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=paho.MQTTv311,
+            clean_session=not settings.persistent_session,
         )
         if settings.username is not None:
             password = (
@@ -200,8 +201,16 @@ class MqttAdapter:
         )
 
     def stop_intake(self, timeout: float = STOP_PUBLISH_TIMEOUT_S) -> None:
-        """Unsubscribe, so nothing new arrives while the last work is published."""
+        """Unsubscribe, so nothing new arrives while the last work is published.
+
+        With a persistent session the subscriptions are kept: they are what
+        makes the broker queue messages for us until the next start. What
+        arrives meanwhile is processed or shed and counted, like any message.
+        """
         if not (self.connected.is_set() and self._filters):
+            return
+        if self._broker.persistent_session:
+            _LOG.info("keeping subscriptions for the persistent session")
             return
         done = threading.Event()
         self._client.on_unsubscribe = lambda *_args: done.set()

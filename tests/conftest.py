@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from mqtt_helpers import BrokerAddress
+from mqtt_helpers import BrokerAddress, StartMosquitto
 
 from sidecar.broker import EmbeddedBroker
 
@@ -62,29 +64,49 @@ def amqtt_broker() -> Iterator[BrokerAddress]:
 
 
 @pytest.fixture
-def mosquitto_broker(tmp_path: Path) -> Iterator[BrokerAddress]:
-    """Run a Mosquitto process on a free loopback port, skipping if not installed."""
+def start_mosquitto(tmp_path: Path) -> Iterator[StartMosquitto]:
+    """Start Mosquitto processes with extra mosquitto.conf lines; stop them after.
+
+    The returned function takes the extra lines (global settings such as
+    `max_queued_messages 100` or `sys_interval 1`) and returns the address of
+    a fresh broker on a free loopback port. Skipped when Mosquitto is missing.
+    """
     binary = _find_mosquitto()
     if binary is None:
         pytest.skip(MOSQUITTO_MISSING_REASON)
+    processes: list[subprocess.Popen[bytes]] = []
 
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(MOSQUITTO_CONF_TEMPLATE.format(host=LOOPBACK_HOST, port=port))
-    log = tmp_path / "mosquitto.log"
-
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [str(binary), "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    def start(*extra: str) -> BrokerAddress:
+        port = free_port()
+        conf = tmp_path / f"mosquitto-{port}.conf"
+        base = MOSQUITTO_CONF_TEMPLATE.format(host=LOOPBACK_HOST, port=port)
+        # Run as whoever runs the tests, so files they wrote (an ACL) are
+        # readable: as root, Mosquitto otherwise drops to user `mosquitto`.
+        base += f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+        conf.write_text(base + "".join(f"{line}\n" for line in extra))
+        log = tmp_path / f"mosquitto-{port}.log"
+        with log.open("wb") as log_file:
+            process = subprocess.Popen(
+                [str(binary), "-c", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        processes.append(process)
         _wait_until_listening(process, port, log)
-        yield BrokerAddress(host=LOOPBACK_HOST, port=port, kind="mosquitto")
+        return BrokerAddress(host=LOOPBACK_HOST, port=port, kind="mosquitto")
+
+    try:
+        yield start
     finally:
-        _terminate(process)
+        for process in processes:
+            _terminate(process)
+
+
+@pytest.fixture
+def mosquitto_broker(start_mosquitto: StartMosquitto) -> BrokerAddress:
+    """Run a Mosquitto process on a free loopback port, skipping if not installed."""
+    return start_mosquitto()
 
 
 @pytest.fixture(params=sorted(BROKER_FIXTURES))

@@ -24,6 +24,7 @@ __all__ = [
     "BrokerKind",
     "MessageCollector",
     "ReceivedMessage",
+    "StartMosquitto",
     "publish",
 ]
 
@@ -52,6 +53,11 @@ class BrokerAddress:
     host: str
     port: int
     kind: BrokerKind
+
+
+# What the `start_mosquitto` fixture returns: extra mosquitto.conf lines in, a
+# fresh broker's address out.
+StartMosquitto: TypeAlias = Callable[..., BrokerAddress]
 
 
 class ReceivedMessage(NamedTuple):

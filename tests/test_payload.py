@@ -252,6 +252,10 @@ def test_parse_payload_zigbee2mqtt_nested_color_flattens() -> None:
         b'{"AM2301":{"Temperature":"nan"}}',
         b'{"AM2301":{"Temperature":null}}',
         b'{"AM2301":{"Temperature":1e999}}',
+        b'{"AM2301":{"Temperature":nan}}',
+        b'{"AM2301":{"Temperature": -nan }}',
+        b'{"AM2301":{"Temperature":inf}}',
+        b'{"AM2301":{"Temperature":None}}',
     ],
 )
 def test_parse_payload_non_finite_json_number_is_missing(payload: bytes) -> None:
@@ -503,3 +507,18 @@ def test_parse_payload_long_digit_run_with_long_suffix_is_fast() -> None:
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"parse_payload took longer than {PARSE_BUDGET_S} s")
+
+
+def test_parse_payload_bare_failed_words_leave_other_keys_readable() -> None:
+    """Test that one bare `nan` (invalid JSON) does not lose the other readings."""
+    readings = parse_payload(b'{"AM2301":{"Temperature":nan,"Humidity":41.5}}')
+
+    assert readings.values == {"AM2301.Humidity": 41.5}
+    assert readings.missing == frozenset({"AM2301.Temperature"})
+
+
+def test_parse_payload_bare_word_inside_a_string_is_not_rewritten() -> None:
+    """Test that the repair of bare words only ever touches value positions."""
+    readings = parse_payload(b'{"note":"nan, inf", "t": 3')
+
+    assert readings.kind is PayloadKind.UNPARSABLE

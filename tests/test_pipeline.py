@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sidecar.config import Settings
+from sidecar.config import Settings, settings_from_mapping
 from sidecar.detector import LoadedModels, load_cascade
 from sidecar.service import build_pipeline
 from sidecar.stream import Message
@@ -66,3 +66,34 @@ def test_pipeline_never_tracks_bridged_output(models: LoadedModels) -> None:
 
     assert pipeline.devices_tracked == 0
     assert pipeline.counters.own_output == 300
+
+
+def test_verdict_from_tuya_bridge_never_carries_the_local_key() -> None:
+    """Test that the verdict JSON masks the key and IP a Tuya topic carries."""
+    settings = settings_from_mapping(
+        {
+            "detection": {
+                "rf_threshold": 0.0,
+                "cnn_threshold": 0.0,
+                "fused_threshold": 0.0,
+                "alarm_after": 1,
+                "clear_after": 10_000,
+            }
+        }
+    )
+    alarming = load_cascade(settings.models, settings.detection, settings.window.length)
+    pipeline = build_pipeline(settings, alarming)
+    topic = "tuya/bf0123/0f1e2d3c4b5a6978/192.168.1.40/dps"
+    messages = [
+        Message(topic, json.dumps({"1": i % 2 == 0, "19": 230 + i % 7}).encode(), i)
+        for i in range(230)
+    ]
+
+    verdicts = pipeline.process(messages).verdicts
+
+    assert verdicts
+    document = verdicts[0].to_json().decode()
+    assert '"device":"bf0123"' in document
+    assert "tuya/bf0123/***/***/dps" in document
+    assert "0f1e2d3c4b5a6978" not in document
+    assert "192.168.1.40" not in document

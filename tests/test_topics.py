@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import Settings
+from sidecar.config import Settings, settings_from_mapping
+from sidecar.errors import ConfigError
 from sidecar.topics import (
     MAX_SEGMENT_CHARS,
     Route,
@@ -352,3 +353,27 @@ def test_filter_matches_follows_mqtt_3_1_1(
 ) -> None:
     """Test that filter matching follows MQTT 3.1.1 section 4.7."""
     assert filter_matches(topic_filter, topic) is expected
+
+
+def test_tuya_bridge_topic_names_the_device_by_id_and_masks_key_and_ip() -> None:
+    """Test payloads.md section 9: the local key and IP never leave the router."""
+    router = TopicRouter(Settings().topics, output_prefix="anomalies")
+
+    route = router.route("tuya/bf0123/0f1e2d3c4b5a6978/192.168.1.40/dps")
+
+    assert route.device == "bf0123"
+    assert route.channel == "dps"
+    assert route.public_topic == "tuya/bf0123/***/***/dps"
+    assert "0f1e2d3c4b5a6978" not in route.channel + route.device
+
+
+def test_rule_template_may_not_use_a_secret_group() -> None:
+    """Test that a rule putting a secret into a device id is a config error."""
+    with pytest.raises(ConfigError, match="secret group"):
+        settings_from_mapping(
+            {
+                "topics": [
+                    {"pattern": "t/(?P<secret_key>[^/]+)", "device": "{secret_key}"}
+                ]
+            }
+        )
