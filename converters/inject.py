@@ -34,6 +34,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ __all__ = [
     "InjectorSpec",
     "applies",
     "inject",
+    "interpolate",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -568,4 +570,39 @@ def _labeled(
         retain = source.message.retain if source is not None else False
         message = Message(draft.topic, draft.payload, draft.time, retain)
         result.append(LabeledMessage(device, message, 1, kind))
+    return result
+
+
+def interpolate(stream: Sequence[LabeledMessage], factor: int) -> list[LabeledMessage]:
+    """Return a normal copy of a stream reporting `factor` times as often.
+
+    Between two consecutive messages, `factor - 1` messages are added at evenly
+    spaced times, each a copy of the earlier payload with every numeric
+    reading moved linearly towards the later one (booleans and words keep the
+    earlier value). This is not a fault: the whole copy has the finer cadence,
+    so a baseline learns it, and its readings change more slowly and smoothly
+    per message than the original's. Added messages keep the input's labels
+    (the earlier message's), so a normal stream stays normal.
+    """
+    result: list[LabeledMessage] = []
+    for item, following in pairwise(stream):
+        result.append(item)
+        start, end = _leaves(item.message.payload), _leaves(following.message.payload)
+        step_s = (following.message.received_at - item.message.received_at) / factor
+        for number in range(1, factor):
+            share = number / factor
+            payload = item.message.payload
+            for path, value in start.items():
+                target = end.get(path)
+                if isinstance(value, bool) or target is None:
+                    continue
+                moved = float(value) + share * (float(target) - float(value))
+                payload = _with_reading(payload, path, moved)
+            message = replace(
+                item.message,
+                payload=payload,
+                received_at=item.message.received_at + number * step_s,
+            )
+            result.append(replace(item, message=message))
+    result.extend(stream[-1:])
     return result

@@ -63,7 +63,7 @@ import numpy.typing as npt
 from sklearn.ensemble import RandomForestClassifier
 
 from converters.dataset import WindowSet, build_windows
-from converters.inject import INJECTOR_NAMES, applies, inject
+from converters.inject import INJECTOR_NAMES, applies, inject, interpolate
 from converters.simulate import NORMAL_MESSAGES, simulate
 from converters.ton_iot import LabeledMessage, load_splits
 from converters.train import (
@@ -138,6 +138,9 @@ EXCERPT_MESSAGES = 640
 # One injected episode per this many scored messages of an excerpt, at least
 # one: episodes stay apart, so most windows of a copy are still normal.
 MESSAGES_PER_EPISODE = 160
+# Normal variants report this many times as often, and as seldom, as the
+# device (see `_normal_variants`).
+NORMAL_RATE_FACTOR = 2
 # Per-device calibration is off (see the module docstring).
 CALIBRATION = Calibration(windows=0)
 # Parts a seed is derived for, so training and tuning copies never coincide.
@@ -262,6 +265,27 @@ def _copies(
     return copies
 
 
+def _normal_variants(
+    device: str, region: list[LabeledMessage], config: SelfSupervisedConfig
+) -> dict[str, list[LabeledMessage]]:
+    """Normal copies of an excerpt at other cadences, to widen what normal looks like.
+
+    A model that has seen only a few devices knows only their rhythms; a new
+    device whose readings wander slowly against its noise (a room's
+    temperature over a day) would look like a drift to it. Reporting twice as
+    often (readings interpolated) slows every wave down per message; every
+    other message speeds it up. Both stay labeled normal.
+    """
+    excerpt = region[: config.excerpt]
+    return {
+        f"{device}#{name}": variant
+        for name, variant in (
+            ("slower", interpolate(excerpt, NORMAL_RATE_FACTOR)),
+            ("faster", excerpt[::NORMAL_RATE_FACTOR]),
+        )
+    }
+
+
 def _scored_rows(
     windows: WindowSet,
     streams: Mapping[str, Sequence[LabeledMessage]],
@@ -316,6 +340,8 @@ def injected_windows(
             )
             continue
         parts[device], first_seq[device] = region, first
+        for name, variant in _normal_variants(device, region, config).items():
+            parts[name], first_seq[name] = variant, first
         for name, (copy, earliest) in _copies(
             device, region, first, part, config
         ).items():
