@@ -4,7 +4,7 @@
   features (the vectors the shipped RF reads), one forest per device.
 - `hst`: River's HalfSpaceTrees on each message's readings, one per device,
   learned on the stream's start (River's default size: 10 trees of height 8,
-  reference window of 250 messages).
+  reference window of 250 messages, or half the fit part when shorter).
 - `zscore`: a rule: per key, the reading's distance from the mean of that
   key's previous 128 readings, in their standard deviations; a message scores
   the largest over its keys.
@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -75,6 +76,8 @@ ZSCORE_ABSOLUTE_FLOOR = 1e-6
 # this share on each side, so readings a little outside it still split.
 HST_LIMIT_MARGIN = 0.1
 IFOREST_TREES = 100
+# River's default reference window of HalfSpaceTrees, in messages.
+HST_WINDOW = 250
 
 
 @dataclass(frozen=True)
@@ -174,9 +177,11 @@ def _iforest(
     )
 
 
-def _limits(readings: Sequence[dict[str, float]]) -> dict[str, tuple[float, float]]:
+def _limits(
+    readings: Sequence[dict[str, float]],
+) -> dict[Hashable, tuple[float, float]]:
     keys = {key for values in readings for key in values}
-    limits = {}
+    limits: dict[Hashable, tuple[float, float]] = {}
     for key in keys:
         column = [values[key] for values in readings if key in values]
         low, high = min(column), max(column)
@@ -185,17 +190,29 @@ def _limits(readings: Sequence[dict[str, float]]) -> dict[str, tuple[float, floa
     return limits
 
 
-def _trees(readings: Sequence[dict[str, float]], seed: int) -> anomaly.HalfSpaceTrees:
-    model = anomaly.HalfSpaceTrees(limits=_limits(readings), seed=seed)
+class _Trees(Protocol):
+    """The part of River's HalfSpaceTrees used here (River ships no stubs)."""
+
+    def learn_one(self, x: dict[str, float]) -> None: ...
+
+    def score_one(self, x: dict[str, float]) -> float: ...
+
+
+def _trees(readings: Sequence[dict[str, float]], seed: int) -> _Trees:
+    # The trees score 0 until a full reference window has been learned, so a
+    # short fit part gets a shorter window (at least two fit in it).
+    size = max(1, min(HST_WINDOW, len(readings) // 2))
+    trees = anomaly.HalfSpaceTrees(
+        window_size=size, limits=_limits(readings), seed=seed
+    )
+    model = cast(_Trees, trees)
     for values in readings:
         if values:
             model.learn_one(values)
     return model
 
 
-def _score_all(
-    model: anomaly.HalfSpaceTrees, readings: Sequence[dict[str, float]]
-) -> FloatArray:
+def _score_all(model: _Trees, readings: Sequence[dict[str, float]]) -> FloatArray:
     return np.array([model.score_one(v) if v else 0.0 for v in readings])
 
 

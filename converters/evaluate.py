@@ -1,6 +1,7 @@
-"""Score the shipped models on a held-out split, in process or through a broker.
+"""Score the models and the baselines on a dataset, in process or through a broker.
 
-Three detectors are scored side by side on the same windows:
+Three detectors are scored side by side on the same windows (and, on
+request, the baselines of `converters.baselines` beside them):
 - `hybrid`: the live cascade with its alarm lifecycle; a window counts as
   flagged while its device is in alarm; ranked by the fused score.
 - `rf`: the RandomForest alone, each window against its own tuned threshold.
@@ -9,7 +10,9 @@ Three detectors are scored side by side on the same windows:
 Metrics are per scored window (one per message after a device's warm-up).
 Detection delay is measured per attack episode (a contiguous run of one
 attack type on one device) from its first message to its first flagged
-window, in the data's own time.
+window, in the data's own time. Datasets whose protocol defines more (SKAB's
+false-alarm and missed-alarm rates, NAB's score) get those too, from
+`dataset_metrics`.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from converters.baselines import run_baselines
 from converters.dataset import WindowSet, build_windows
+from converters.nab import PROFILES, REPORT_KEYS, NabFile, alarm_onsets, corpus_score
 from converters.replay import interleave, replay
+from converters.tabular import LabeledStreams, check_routing
 from converters.ton_iot import LabeledMessage
 from sidecar.calibration import calibrate_offline
 from sidecar.config import Settings
@@ -45,8 +51,11 @@ from sidecar.stream import Message
 
 __all__ = [
     "DETECTORS",
+    "DatasetEvaluation",
     "EvaluationInputs",
+    "dataset_metrics",
     "detector_metrics",
+    "evaluate_dataset",
     "evaluate_offline",
     "evaluate_through_broker",
     "format_table",
@@ -61,6 +70,10 @@ BROKER_REPLAY_RATE = 1000.0
 # After the replay, scores still in flight get this long to arrive.
 SCORE_SETTLE_S = 20.0
 CONNECT_TIMEOUT_S = 10.0
+# Datasets whose protocol reports false-alarm and missed-alarm rates in %
+# (SKAB's leaderboard), and those scored by the NAB scorer.
+OUTLIER_RATE_DATASETS = frozenset({"skab"})
+NAB_DATASETS = frozenset({"nab"})
 
 
 @dataclass(frozen=True)
@@ -304,8 +317,12 @@ def evaluate_through_broker(
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Render the detectors' headline metrics side by side as text."""
-    columns = (
+    """Render the detectors' headline metrics side by side as text.
+
+    Protocol-specific columns (FAR, MAR, NAB scores) appear when any
+    detector has them.
+    """
+    columns = [
         "accuracy",
         "precision",
         "recall",
@@ -313,7 +330,12 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         "fpr",
         "roc_auc",
         "median_delay_s",
-    )
+    ]
+    columns += [
+        name
+        for name in ("far", "mar", "nab_standard", "nab_low_fp", "nab_low_fn")
+        if any(name in metrics for metrics in results.values())
+    ]
     lines = ["detector  " + "  ".join(f"{name:>14}" for name in columns)]
     for detector, metrics in results.items():
         cells = []
@@ -322,3 +344,142 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             cells.append(f"{'-' if value is None else value:>14}")
         lines.append(f"{detector:<8}  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DatasetEvaluation:
+    """Every detector's view of every window of a dataset, fit part included.
+
+    Attributes:
+        data: The dataset's streams and protocol.
+        windows: Every window of `data.streams` past warm-up (and past
+            per-device calibration, when the models calibrate).
+        scored: Which windows count in the metrics (past each device's fit
+            part).
+        scores: Detector -> one score per window, higher is more anomalous.
+        flags: Detector -> whether it flags each window.
+        thresholds: Detector -> how its threshold was chosen.
+    """
+
+    data: LabeledStreams
+    windows: WindowSet
+    scored: npt.NDArray[np.bool_]
+    scores: dict[str, npt.NDArray[np.float64]]
+    flags: dict[str, npt.NDArray[np.bool_]]
+    thresholds: dict[str, str]
+
+    def inputs(self) -> EvaluationInputs:
+        """Return the scored part only, as `detector_metrics` reads it."""
+        keep = self.scored
+        return EvaluationInputs(
+            windows=self.windows.subset(keep),
+            scores={name: values[keep] for name, values in self.scores.items()},
+            flags={name: values[keep] for name, values in self.flags.items()},
+        )
+
+
+def _fit_is_prefix(data: LabeledStreams) -> bool:
+    """Whether each fit stream is the start of its stream, up to `scored_from`."""
+    for device, fit in data.fit_streams.items():
+        stream = data.streams.get(device)
+        if stream is None or len(fit) != data.scored_from.get(device, 0):
+            return False
+        if fit and fit[-1] is not stream[len(fit) - 1]:
+            return False
+    return True
+
+
+def evaluate_dataset(
+    settings: Settings,
+    models: LoadedModels,
+    data: LabeledStreams,
+    *,
+    baselines: bool = False,
+    seed: int = 0,
+) -> DatasetEvaluation:
+    """Score the hybrid, RF, CNN and optionally the baselines on one dataset.
+
+    All detectors see the same windows; the baselines learn only from the
+    dataset's fit part (see `converters.baselines`).
+    """
+    settings = data.settings_for(settings)
+    check_routing(data.streams, settings)
+    max_bytes = settings.limits.max_payload_bytes
+    windows = build_windows(data.streams, models.spec, max_bytes)
+    windows, rf, cnn = _scored_part(models, windows)
+    hybrid = _hybrid_in_process(settings, models, data.streams)
+    inputs = _inputs_from_scores(windows, hybrid, rf, cnn, models)
+    starts = np.array(
+        [data.scored_from.get(str(device), 0) for device in windows.devices],
+        dtype=np.int64,
+    )
+    scored = windows.seqs >= starts
+    scores = dict(inputs.scores)
+    flags = dict(inputs.flags)
+    thresholds = {
+        "hybrid": "model cards (tuned on TON_IoT validation); alarm lifecycle",
+        "rf": "RF card threshold for use alone (TON_IoT validation)",
+        "cnn": "CNN card threshold for use alone (TON_IoT validation)",
+    }
+    if baselines:
+        fit_windows = (
+            windows.subset(~scored)
+            if _fit_is_prefix(data)
+            else build_windows(data.fit_streams, models.spec, max_bytes)
+        )
+        for name, result in run_baselines(
+            data, windows, fit_windows, models.spec.warmup, seed
+        ).items():
+            scores[name] = result.scores
+            flags[name] = result.flags
+            thresholds[name] = result.threshold
+    _LOG.info(
+        "dataset evaluated dataset=%s windows=%d scored=%d detectors=%s",
+        data.dataset,
+        len(windows),
+        int(scored.sum()),
+        ",".join(scores),
+    )
+    return DatasetEvaluation(data, windows, scored, scores, flags, thresholds)
+
+
+def _nab_scores(
+    evaluation: DatasetEvaluation, flags: npt.NDArray[np.bool_]
+) -> dict[str, float]:
+    """The three normalised NAB scores of one detector's alarm onsets."""
+    data, windows = evaluation.data, evaluation.windows
+    files = {
+        device: NabFile(len(stream), tuple(data.windows.get(device, ())))
+        for device, stream in data.streams.items()
+    }
+    detections = {}
+    for device in files:
+        rows = np.flatnonzero(windows.devices == device)
+        rows = rows[np.argsort(windows.seqs[rows], kind="stable")]
+        detections[device] = alarm_onsets(windows.seqs[rows], flags[rows])
+    return {
+        REPORT_KEYS[name]: round(corpus_score(files, detections, profile), 2)
+        for name, profile in PROFILES.items()
+    }
+
+
+def dataset_metrics(evaluation: DatasetEvaluation) -> dict[str, dict[str, Any]]:
+    """Per detector: the window metrics, plus what the dataset's protocol adds.
+
+    SKAB adds `far` and `mar` (false-alarm and missed-alarm rates, in %);
+    NAB adds `nab_standard`, `nab_low_fp` and `nab_low_fn`.
+    """
+    inputs = evaluation.inputs()
+    results: dict[str, dict[str, Any]] = {}
+    for name in evaluation.scores:
+        metrics = detector_metrics(
+            inputs.windows, inputs.flags[name], inputs.scores[name]
+        )
+        if evaluation.data.dataset in OUTLIER_RATE_DATASETS:
+            metrics["far"] = round(100.0 * metrics["fpr"], 2)
+            metrics["mar"] = round(100.0 * (1.0 - metrics["recall"]), 2)
+        if evaluation.data.dataset in NAB_DATASETS:
+            metrics.update(_nab_scores(evaluation, evaluation.flags[name]))
+        metrics["threshold"] = evaluation.thresholds[name]
+        results[name] = metrics
+    return results

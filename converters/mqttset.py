@@ -127,7 +127,7 @@ def load_mqttset(folder: Path) -> LabeledStreams:
     router = TopicRouter([*settings.topics, *rules], settings.output.prefix)
     streams: dict[str, list[LabeledMessage]] = {}
     unrouted: dict[str, int] = {}
-    for time, label, item, kind in timeline:
+    for time, is_attack, item, kind in timeline:
         route = router.route(item.topic)
         if route.kind is not RouteKind.TELEMETRY or route.channel:
             # Channelled topics are parsed differently by the live pipeline
@@ -136,7 +136,7 @@ def load_mqttset(folder: Path) -> LabeledStreams:
             continue
         message = Message(item.topic, item.payload, time)
         streams.setdefault(route.device, []).append(
-            LabeledMessage(route.device, message, label, kind)
+            LabeledMessage(route.device, message, is_attack, kind)
         )
     notes["not_routed_to_a_device"] = unrouted
     scored_from = {

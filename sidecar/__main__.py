@@ -50,9 +50,40 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=250.0, help="messages per second")
 
     evaluate = commands.add_parser("evaluate", help="score the models on held-out data")
-    evaluate.add_argument("--dataset", choices=["ton_iot", "simulation"], required=True)
-    evaluate.add_argument("--data", type=Path, help="the dataset's folder")
+    evaluate.add_argument(
+        "--dataset",
+        choices=["ton_iot", "skab", "nab", "mqttset", "csv", "simulation"],
+        required=True,
+    )
+    evaluate.add_argument(
+        "--data",
+        type=Path,
+        help="the dataset's folder (default: its folder under ../shared/data), "
+        "or for csv the CSV / JSON-lines file",
+    )
     evaluate.add_argument("--json", type=Path, help="write the results here")
+    evaluate.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also score IsolationForest, HalfSpaceTrees and a z-score rule",
+    )
+    evaluate.add_argument(
+        "--models", type=Path, help="model folder to use instead of the configured"
+    )
+    evaluate.add_argument(
+        "--report", type=Path, help="write an HTML report with plots to this folder"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the baselines")
+    evaluate.add_argument("--time-column", help="csv: time column (else guessed)")
+    evaluate.add_argument("--device-column", help="csv: device column (else one)")
+    evaluate.add_argument("--label-column", help="csv: 0/1 label column")
+    evaluate.add_argument("--columns", help="csv: comma-separated value columns")
+    evaluate.add_argument(
+        "--fit-share",
+        type=float,
+        default=0.2,
+        help="csv: share of each device's rows learned from, not scored",
+    )
     evaluate.add_argument("--config", type=Path, help="YAML configuration file")
     evaluate.add_argument(
         "--broker", help="HOST:PORT: replay through this broker, end to end"
@@ -136,9 +167,11 @@ def _unblock_stop_signals() -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from converters.cli import evaluate_command
+    from converters.cli import DATA_FOLDERS, evaluate_command
 
-    return evaluate_command(args, _settings(args.config))
+    if args.data is None and args.dataset in DATA_FOLDERS:
+        args.data = DEFAULT_DATA / DATA_FOLDERS[args.dataset]
+    return evaluate_command(args, _settings(args.config), sys.stdout)
 
 
 def _demo(args: argparse.Namespace) -> int:
