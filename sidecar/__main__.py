@@ -117,6 +117,28 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="learn from normal traffic with injected faults; no labels needed",
     )
+
+    bench = commands.add_parser(
+        "bench", help="throughput, latency and memory against a bare subscriber"
+    )
+    where = bench.add_mutually_exclusive_group(required=True)
+    where.add_argument("--broker", help="HOST:PORT of the broker to measure against")
+    where.add_argument(
+        "--start-mosquitto",
+        action="store_true",
+        help="start a private Mosquitto on a free loopback port, stop it after",
+    )
+    bench.add_argument("--json", type=Path, help="write the full report here")
+    bench.add_argument("--config", type=Path, help="the sidecar's YAML config")
+    bench.add_argument("--runs", type=int, help="runs per figure (default 3)")
+    bench.add_argument("--seconds", type=float, help="load per run (default 5)")
+    bench.add_argument("--qos", type=int, choices=[0, 1], default=0)
+    bench.add_argument("--workers", type=int, help="load processes (default 2)")
+    bench.add_argument("--devices", type=int, help="devices (default 1000)")
+    bench.add_argument("--scale", help="fleet sizes (default 100,10000,100000)")
+    bench.add_argument(
+        "--stages", help="subset of throughput,latency,scale,memory,profile"
+    )
     return parser
 
 
@@ -213,7 +235,19 @@ def _train_self_supervised(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
-_COMMANDS = {"run": _run, "evaluate": _evaluate, "demo": _demo, "train": _train}
+def _bench(args: argparse.Namespace) -> int:
+    from converters.bench import bench_command
+
+    return bench_command(args, _settings(args.config), sys.stdout)
+
+
+_COMMANDS = {
+    "run": _run,
+    "evaluate": _evaluate,
+    "demo": _demo,
+    "train": _train,
+    "bench": _bench,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

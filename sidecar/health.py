@@ -95,16 +95,23 @@ class DataPathHealth:
         """The broker's latest drop count, None until it has been read."""
         return self._dropped_total
 
-    def on_message(self, topic: str, payload: bytes) -> None:
-        """Note a probe or a broker counter; called from the MQTT thread."""
+    def on_message(self, topic: str, payload: bytes) -> bool:
+        """Note a probe or a broker counter; called from the MQTT thread.
+
+        Returns whether the message was the broker's counter, which is
+        consumed here and goes no further.
+        """
         if topic == self.probe_topic:
             with self._lock:
                 if self._nonce and payload == self._nonce:
                     self._probe_seen = True
-        elif topic == self.settings.broker_dropped_topic:
-            count = _counter(payload)
-            if count is not None:
-                self._dropped_total = count
+            return False
+        if topic != self.settings.broker_dropped_topic:
+            return False
+        count = _counter(payload)
+        if count is not None:
+            self._dropped_total = count
+        return True
 
     def tick(self, now: float, connects: int, subscribed: bool) -> None:
         """Run the checks that the clock drives; publish the document on change."""

@@ -40,6 +40,7 @@ class Counters:
     shed: int = 0
     processed: int = 0
     own_output: int = 0
+    broker_stats: int = 0
     ignored: int = 0
     unknown_topic: int = 0
     availability: int = 0

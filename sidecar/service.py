@@ -114,7 +114,7 @@ class Service:
     When the queue is full the oldest waiting message is dropped and counted
     as shed, so latency stays bounded and the newest data wins. Every message
     received is accounted for: received = processed + shed + own_output +
-    queue_depth, once the worker is between batches.
+    broker_stats + queue_depth, once the worker is between batches.
 
     The service outlives broker outages: device state stays in the pipeline,
     verdicts raised while disconnected are held in the MQTT client and sent
@@ -170,7 +170,9 @@ class Service:
         """
         counters = self.pipeline.counters
         counters.received += 1
-        self.health.on_message(message.topic, message.payload)
+        if self.health.on_message(message.topic, message.payload):
+            counters.broker_stats += 1
+            return
         if self.pipeline.router.is_own_output(message.topic):
             counters.own_output += 1
             return

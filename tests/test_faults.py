@@ -362,13 +362,19 @@ def _wait_learned(service: Service, models: LoadedModels) -> None:
 
 
 def _accounted(counters: dict[str, int]) -> bool:
-    """Whether every message received is processed, shed, own output or queued."""
+    """Whether every message is processed, shed, own output, broker stats or queued."""
     return counters["received"] == (
         counters["processed"]
         + counters["shed"]
         + counters["own_output"]
+        + counters["broker_stats"]
         + counters["queue_depth"]
     )
+
+
+def _device_messages(counters: dict[str, int]) -> int:
+    """Messages received that were neither our own output nor the broker's stats."""
+    return counters["received"] - counters["own_output"] - counters["broker_stats"]
 
 
 def _wait_settled(service: Service) -> dict[str, int]:
@@ -549,10 +555,7 @@ def test_service_slow_model_keeps_keepalive_and_sheds_counted(
                 deepest = max(deepest, service.counters["queue_depth"])
                 time.sleep(1.0 / SLOW_FLOOD_RATE)
             _wait_until(
-                lambda: (
-                    service.counters["received"] - service.counters["own_output"]
-                    == index
-                ),
+                lambda: _device_messages(service.counters) == index,
                 VERDICT_TIMEOUT_S,
                 "all received",
             )
@@ -596,7 +599,6 @@ def test_service_sustained_overload_bounded_memory_and_counted(
             samples.append(_rss_kb())
 
     with _running(settings, models) as service:
-        own_output = service.counters["own_output"]
         baseline_kb = _rss_kb()
         sampler = threading.Thread(target=sample, name="rss-sampler")
         sampler.start()
@@ -606,9 +608,7 @@ def test_service_sustained_overload_bounded_memory_and_counted(
                 _publish_round_robin(client, OVERLOAD_MESSAGES, OVERLOAD_DEVICES)
                 published_s = time.monotonic() - started
                 _wait_until(
-                    lambda: (
-                        service.counters["received"] - own_output >= OVERLOAD_MESSAGES
-                    ),
+                    lambda: _device_messages(service.counters) >= OVERLOAD_MESSAGES,
                     VERDICT_TIMEOUT_S,
                     "all received",
                 )
@@ -630,7 +630,7 @@ def test_service_sustained_overload_bounded_memory_and_counted(
         after_kb - baseline_kb,
     )
 
-    assert counters["received"] - counters["own_output"] == OVERLOAD_MESSAGES
+    assert _device_messages(counters) == OVERLOAD_MESSAGES
     assert counters["shed"] > 0
     assert counters["worker_errors"] == 0
     assert _accounted(counters)
