@@ -54,6 +54,12 @@ SUBSCRIBE_QOS = 1
 # configured for it.
 DEFAULT_MAX_INFLIGHT = 20
 STATUS_ONLINE = b"online"
+# A broker lets one connection per client id live: a second client with our
+# id takes the session over and ours reconnects, taking it back, in a loop
+# (MQTT 3.1.1, section 3.1.4). Connections that end within this many seconds,
+# this many times in a row, are most likely that.
+SHORT_CONNECTION_S = 5.0
+SHORT_CONNECTIONS_FOR_HINT = 3
 # Stands in for a topic that is not valid UTF-8; no routing rule matches it.
 INVALID_TOPIC = "\x00invalid-topic"
 STATUS_OFFLINE = b"offline"
@@ -141,6 +147,8 @@ class MqttAdapter:
         self.connects = 0
         self._failures = 0
         self._lost_at: float | None = None
+        self._connected_at = 0.0
+        self._short_connections = 0
         self._closing = threading.Event()
         self._client = self._build_client()
 
@@ -295,6 +303,7 @@ class MqttAdapter:
             return
         self.connects += 1
         self._failures = 0
+        self._connected_at = time.monotonic()
         outage_s = 0.0 if self._lost_at is None else time.monotonic() - self._lost_at
         self._lost_at = None
         self.connected.set()
@@ -351,12 +360,28 @@ class MqttAdapter:
         if was_connected:
             self._lost_at = time.monotonic()
             _LOG.warning("connection lost reason=%r; paho reconnects", str(reason))
+            self._hint_client_id_clash(self._lost_at - self._connected_at)
             self._jitter()
         else:
             # An attempt dropped before its CONNACK, or paho 2.2 reporting a
             # keepalive timeout a second time (loop_misc after
             # _check_keepalive): the loss itself was logged already.
             _LOG.debug("disconnected while not connected reason=%r", str(reason))
+
+    def _hint_client_id_clash(self, lasted_s: float) -> None:
+        if lasted_s >= SHORT_CONNECTION_S:
+            self._short_connections = 0
+            return
+        self._short_connections += 1
+        if self._short_connections == SHORT_CONNECTIONS_FOR_HINT:
+            _LOG.error(
+                "connection lost %d times within %.0f s of connecting; another "
+                "client may be using client_id=%s (give each sidecar its own "
+                "broker.client_id)",
+                self._short_connections,
+                SHORT_CONNECTION_S,
+                self._broker.client_id,
+            )
 
     def _mqtt_on_message(
         self, client: paho.Client, userdata: Any, message: paho.MQTTMessage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +35,9 @@ PROBE_TIMEOUT_S = 2.0
 QUEUE_LIMIT = 100
 # ... while 500 numbered messages are published.
 PUBLISHED_WHILE_AWAY = 500
+# Two clients with one id take the session from each other about once per
+# reconnect backoff (1 s, then 2 s, ...); three losses fit in this.
+CLIENT_ID_HINT_TIMEOUT_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +219,21 @@ def test_silent_device_publishes_condition_verdict(
     assert verdict["state"] == "raised"
     assert verdict["expected_s"] == 1.0
     assert "no message for" in verdict["reason"]
+
+
+def test_two_sidecars_with_one_client_id_get_a_hint(
+    start_mosquitto: StartMosquitto,
+    models: LoadedModels,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Test that a client id taken over again and again is named in an error."""
+    broker = start_mosquitto()
+    settings = _settings(broker, broker={"client_id": "sidecar-shared"})
+    caplog.set_level(logging.ERROR, logger="sidecar.mqtt")
+    with _running(settings, models), _running(settings, models):
+        deadline = time.monotonic() + CLIENT_ID_HINT_TIMEOUT_S
+        while "another client may be using" not in caplog.text:
+            assert time.monotonic() < deadline, "no client id hint logged"
+            time.sleep(0.2)
+
+    assert "client_id=sidecar-shared" in caplog.text
