@@ -135,7 +135,7 @@ def to_message(
     return LabeledMessage(device, message, label, kind)
 
 
-def parse_time(text: str) -> float:
+def parse_time(text: str | float) -> float:
     """Read epoch seconds or milliseconds, or an ISO 8601 time (naive = UTC).
 
     >>> parse_time("2020-03-09 10:14:33")
@@ -146,7 +146,7 @@ def parse_time(text: str) -> float:
     Raises:
         ValueError: If the text is neither.
     """
-    stripped = text.strip()
+    stripped = str(text).strip()
     try:
         number = float(stripped)
     except ValueError:
