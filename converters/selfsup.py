@@ -266,24 +266,26 @@ def _copies(
 
 
 def _normal_variants(
-    device: str, region: list[LabeledMessage], config: SelfSupervisedConfig
-) -> dict[str, list[LabeledMessage]]:
-    """Normal copies of an excerpt at other cadences, to widen what normal looks like.
+    device: str,
+    region: list[LabeledMessage],
+    first: int,
+    config: SelfSupervisedConfig,
+) -> list[tuple[str, tuple[list[LabeledMessage], int]]]:
+    """Normal copies of an excerpt at other cadences, each with its first scored seq.
 
     A model that has seen only a few devices knows only their rhythms; a new
     device whose readings wander slowly against its noise (a room's
     temperature over a day) would look like a drift to it. Reporting twice as
     often (readings interpolated) slows every wave down per message; every
-    other message speeds it up. Both stay labeled normal.
+    other message speeds it up. Both stay labeled normal, and each scores only
+    what lies at or after the region's first scored message.
     """
     excerpt = region[: config.excerpt]
-    return {
-        f"{device}#{name}": variant
-        for name, variant in (
-            ("slower", interpolate(excerpt, NORMAL_RATE_FACTOR)),
-            ("faster", excerpt[::NORMAL_RATE_FACTOR]),
-        )
-    }
+    factor = NORMAL_RATE_FACTOR
+    return [
+        (f"{device}#slower", (interpolate(excerpt, factor), first * factor)),
+        (f"{device}#faster", (excerpt[::factor], -(-first // factor))),
+    ]
 
 
 def _scored_rows(
@@ -340,8 +342,8 @@ def injected_windows(
             )
             continue
         parts[device], first_seq[device] = region, first
-        for name, variant in _normal_variants(device, region, config).items():
-            parts[name], first_seq[name] = variant, first
+        for name, (variant, start) in _normal_variants(device, region, first, config):
+            parts[name], first_seq[name] = variant, start
         for name, (copy, earliest) in _copies(
             device, region, first, part, config
         ).items():

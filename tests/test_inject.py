@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from converters.inject import INJECTOR_NAMES, INJECTORS, applies, inject
+from converters.inject import INJECTOR_NAMES, INJECTORS, applies, inject, interpolate
 from converters.ton_iot import LabeledMessage
 from sidecar.payload import PayloadKind, parse_payload
 from sidecar.stream import Message
@@ -332,3 +332,20 @@ def test_inject_refuses_episodes_that_do_not_fit() -> None:
     """Test that a stream too short for the episodes is an error, not a silent no-op."""
     with pytest.raises(ValueError, match="do not fit"):
         inject(_sensor_stream(count=140), "stuck", seed=0, earliest=EARLIEST)
+
+
+def test_interpolate_reports_more_often_with_readings_in_between() -> None:
+    """Test that a normal copy at a finer cadence keeps the input and stays normal."""
+    stream = _sensor_stream(count=50)
+    finer = interpolate(stream, 2)
+    times = [item.message.received_at for item in finer]
+    assert len(finer) == 2 * len(stream) - 1
+    assert finer[::2] == stream
+    assert all(item.label == 0 for item in finer)
+    assert times == sorted(times)
+    for before, added, after in zip(finer[::2], finer[1::2], finer[2::2], strict=False):
+        low, high = sorted(
+            (_values(before)["temperature"], _values(after)["temperature"])
+        )
+        assert low - ROUNDING <= _values(added)["temperature"] <= high + ROUNDING
+        assert _values(added)["contact"] == _values(before)["contact"]

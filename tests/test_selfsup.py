@@ -1,0 +1,195 @@
+"""Specification of self-supervised training: normal traffic plus injected faults."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from converters.dataset import build_windows
+from converters.inject import INJECTOR_NAMES, applies, inject
+from converters.selfsup import (
+    SELF_SUPERVISED_SPEC,
+    SelfSupervisedConfig,
+    TrainedPair,
+    injected_windows,
+    load_recording,
+    normal_streams,
+    train_selfsup,
+    write_models,
+)
+from converters.ton_iot import LabeledMessage
+from converters.train import FPR_BUDGET
+from converters.train_cnn import predict_cnn
+from converters.train_rf import rf_scores
+from sidecar.__main__ import main
+from sidecar.config import DetectionSettings, ModelSettings
+from sidecar.detector import load_cascade
+
+# The device kept out of training: a zigbee2mqtt fridge sensor, judged only
+# through the baseline it learns of its own normal traffic.
+UNSEEN = "kitchen_fridge"
+# Small enough for the whole module to train in about 15 s on 2 cores.
+CONFIG = SelfSupervisedConfig(seed=0, copies=2, cnn_epochs=4)
+# Seeds of the faults put into the unseen device, apart from any training seed.
+FAULT_SEED = 100
+# Past the warm-up of 128 messages plus the first full window.
+EARLIEST = 129
+# ROC AUC of the unseen device's faulty windows against its normal ones.
+# Measured with CONFIG at training seeds 0, 1 and 2: RF 0.979/0.975/0.955,
+# fused (RF + CNN) / 2 0.951/0.961/0.947; 0.9 keeps a margin for library
+# versions while staying far above chance (0.5). Held-out devices of kinds the
+# others do not share separate worse (measured at seed 0, fused: esp_living,
+# a bare-number sensor with a slow wave, 0.78; front_door, a binary contact
+# whose rare changes look like faults to a model that never saw one, 0.48).
+MIN_UNSEEN_AUC = 0.9
+
+
+@pytest.fixture(scope="module")
+def streams() -> dict[str, list[LabeledMessage]]:
+    normal, _ = normal_streams("simulation", None)
+    return normal
+
+
+@pytest.fixture(scope="module")
+def trained(streams: Mapping[str, list[LabeledMessage]]) -> TrainedPair:
+    seen = {device: stream for device, stream in streams.items() if device != UNSEEN}
+    return train_selfsup(seen, CONFIG)
+
+
+def test_unseen_device_faults_score_above_its_normal_traffic(
+    streams: Mapping[str, list[LabeledMessage]], trained: TrainedPair
+) -> None:
+    """Test that a model trained without a device separates that device's faults.
+
+    The held-out device's normal stream and one injected copy per fault kind
+    go through the live feature path; every window ending on an injected
+    message is ranked against every window of the clean stream.
+    """
+    normal = streams[UNSEEN]
+    parts = {"clean": normal}
+    for number, kind in enumerate(INJECTOR_NAMES):
+        if applies(kind, normal):
+            parts[kind] = inject(normal, kind, FAULT_SEED + number, earliest=EARLIEST)
+    windows = build_windows(parts, CONFIG.spec)
+    clean = windows.devices == "clean"
+    faulty = ~clean & (windows.labels == 1)
+    rows = clean | faulty
+    rf = rf_scores(trained.rf, windows.vectors)
+    cnn = predict_cnn(trained.cnn, windows.windows).astype(np.float64)
+
+    assert UNSEEN not in trained.summary["train"]["devices"]
+    assert len(parts) == len(INJECTOR_NAMES) + 1
+    assert faulty.sum() > 100
+    assert roc_auc_score(faulty[rows], rf[rows]) >= MIN_UNSEEN_AUC
+    assert roc_auc_score(faulty[rows], (rf + cnn)[rows] / 2) >= MIN_UNSEEN_AUC
+
+
+def test_train_selfsup_tunes_within_the_false_alarm_budget(
+    trained: TrainedPair,
+) -> None:
+    """Test that the tuned cascade keeps the held-out FPR within the budget."""
+    assert trained.choice.fpr <= FPR_BUDGET
+    assert trained.choice.recall > 0.5
+    tuned_on = set(trained.tuning.attack_types[trained.tuning.labels == 1].tolist())
+    assert tuned_on == set(INJECTOR_NAMES)
+
+
+def test_tuning_windows_all_come_after_the_training_windows(
+    streams: Mapping[str, list[LabeledMessage]],
+) -> None:
+    """Test that the held-out part is later in time than all training data."""
+    seen = {UNSEEN: streams[UNSEEN]}
+    train = injected_windows(seen, "train", CONFIG)
+    tuning = injected_windows(seen, "tuning", CONFIG)
+    assert train.times.max() < tuning.times.min()
+    assert set(train.labels.tolist()) == set(tuning.labels.tolist()) == {0, 1}
+
+
+def test_selfsup_windows_leave_out_normal_windows_that_show_a_fault(
+    streams: Mapping[str, list[LabeledMessage]],
+) -> None:
+    """Test that no kept normal window still holds an injected message.
+
+    After a spike, the next `window - 1` windows contain it but end on a normal
+    message; they are neither clean normal traffic nor the labeled fault.
+    """
+    windows = injected_windows({UNSEEN: streams[UNSEEN]}, "train", CONFIG)
+    window = CONFIG.spec.window
+    for copy in {name for name in windows.devices.tolist() if ":spike:" in name}:
+        rows = windows.devices == copy
+        seqs, labels = windows.seqs[rows], windows.labels[rows]
+        spiked = seqs[labels == 1]
+        assert len(spiked) >= 1
+        for seq in seqs[labels == 0].tolist():
+            assert not np.any((spiked <= seq) & (spiked > seq - window))
+
+
+def test_selfsup_spec_reads_every_feature_group() -> None:
+    """Test that timing, size, level and shape all reach both models."""
+    assert SELF_SUPERVISED_SPEC.disabled_groups == ()
+    assert SELF_SUPERVISED_SPEC.feature_mask().all()
+    assert SELF_SUPERVISED_SPEC.channel_mask().all()
+
+
+def test_write_models_writes_cards_the_sidecar_loads(
+    trained: TrainedPair, tmp_path: Path
+) -> None:
+    """Test that the exported pair loads as the sidecar's cascade, cards intact."""
+    write_models(trained, tmp_path, {"dataset": "test"})
+    models = load_cascade(
+        ModelSettings(directory=tmp_path), DetectionSettings(), CONFIG.spec.window
+    )
+    card = json.loads((tmp_path / "cnn.card.json").read_text(encoding="utf-8"))
+    assert models.spec == CONFIG.spec
+    assert card["training"] == "self-supervised"
+    assert card["injectors"] == list(INJECTOR_NAMES)
+    assert card["seed"] == CONFIG.seed
+    assert card["parity"]["label_mismatch_rate"] == 0.0
+    assert models.cascade.rf_threshold.value == trained.choice.rf_threshold
+
+
+def test_load_recording_groups_telemetry_by_device(tmp_path: Path) -> None:
+    """Test that a JSON-lines recording becomes time-ordered per-device streams."""
+    lines = [
+        {"time": 20.0, "topic": "zigbee2mqtt/hall", "payload": '{"temperature": 20}'},
+        {"time": 10.0, "topic": "zigbee2mqtt/hall", "payload": '{"temperature": 19}'},
+        {"time": 15.0, "topic": "tele/plug/SENSOR", "payload": '{"Power": 3}'},
+        {"time": 16.0, "topic": "zigbee2mqtt/hall/set", "payload": '{"state": "ON"}'},
+    ]
+    path = tmp_path / "home.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), "utf-8")
+    streams = load_recording(path)
+    assert sorted(streams) == ["hall", "plug"]
+    assert [item.message.received_at for item in streams["hall"]] == [10.0, 20.0]
+    assert all(item.label == 0 for item in streams["hall"] + streams["plug"])
+
+
+def test_load_recording_names_the_line_it_cannot_read(tmp_path: Path) -> None:
+    """Test that a malformed line is reported with its file and line number."""
+    path = tmp_path / "home.jsonl"
+    path.write_text('{"time": 1, "topic": "a/b", "payload": "1"}\nnot json\n', "utf-8")
+    with pytest.raises(ValueError, match=r"home\.jsonl:2"):
+        load_recording(path)
+
+
+def test_train_command_self_supervised_needs_an_output_folder(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Test that self-supervised training never defaults onto the shipped models."""
+    code = main(["train", "--self-supervised", "--dataset", "simulation"])
+    assert code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_train_command_supervised_still_needs_ton_iot(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Test that without --self-supervised the labeled TON_IoT path is required."""
+    code = main(["train", "--dataset", "simulation", "--out", "out/never"])
+    assert code == 2
+    assert "--dataset ton_iot" in capsys.readouterr().err
