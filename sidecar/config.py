@@ -336,6 +336,18 @@ class HealthSettings(_Frozen):
     broker_dropped_topic: str = "$SYS/broker/publish/messages/dropped"
 
 
+class MetricsSettings(_Frozen):
+    """The Prometheus endpoint (`/metrics`); off unless enabled."""
+
+    enabled: bool = False
+    # Loopback by default: counters name devices' traffic; expose on purpose.
+    host: str = "127.0.0.1"
+    # 9108: a port in the 9100 range where Prometheus exporters customarily
+    # listen, chosen by us; change it if another exporter has it. 0 picks any
+    # free port.
+    port: Annotated[int, Field(ge=0, le=65535)] = 9108
+
+
 class LoggingSettings(_Frozen):
     """How the process logs."""
 
@@ -358,6 +370,7 @@ class Settings(_Frozen):
     detection: DetectionSettings = DetectionSettings()
     conditions: ConditionSettings = ConditionSettings()
     health: HealthSettings = HealthSettings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -144,6 +145,9 @@ class OnnxModel:
         self._input = str(self.card.data["input"])
         self._output = str(self.card.data["output"])
         self._column = self.card.data.get("output_column")
+        # Called with (seconds, rows) after every run; the metrics endpoint
+        # hangs its latency histogram here.
+        self.on_run: Callable[[float, int], None] | None = None
         digest = hashlib.sha256(model_bytes).hexdigest()[:12]
         _LOG.info(
             "model loaded name=%s version=%s path=%s sha256=%s opset=%s seed=%s",
@@ -163,7 +167,10 @@ class OnnxModel:
         # No NaN or infinity may reach onnxruntime (pitfalls.md #10).
         if not np.isfinite(batch).all():
             batch = np.nan_to_num(batch, nan=0.0, posinf=0.0, neginf=0.0)
+        started = time.perf_counter()
         output = self._session.run([self._output], {self._input: batch})[0]
+        if self.on_run is not None:
+            self.on_run(time.perf_counter() - started, len(batch))
         scores = np.asarray(output, dtype=np.float32)
         if self._column is not None:
             scores = scores[:, int(self._column)]

@@ -14,6 +14,7 @@ from sidecar.conditions import ConditionKind, ConditionVerdict
 from sidecar.config import Settings
 from sidecar.detector import LoadedModels
 from sidecar.health import DataPathHealth
+from sidecar.metrics import MetricsEndpoint
 from sidecar.mqtt import MqttAdapter
 from sidecar.pipeline import BatchResult, Pipeline, WindowScore
 from sidecar.stream import Message
@@ -151,6 +152,13 @@ class Service:
         self._worker = threading.Thread(
             target=self._work, name="sidecar-worker", daemon=True
         )
+        self.metrics: MetricsEndpoint | None = None
+        if settings.metrics.enabled:
+            self.metrics = MetricsEndpoint(
+                settings.metrics,
+                lambda: self.counters,
+                {"rf": models.rf, "cnn": models.cnn},
+            )
 
     @property
     def counters(self) -> dict[str, int]:
@@ -159,6 +167,7 @@ class Service:
         snapshot["scores_skipped"] = self._scores_skipped
         snapshot["queue_depth"] = self._queue.qsize()
         snapshot["devices_tracked"] = self.pipeline.devices_tracked
+        snapshot["devices_in_alarm"] = self.pipeline.lifecycle.alarms
         return snapshot
 
     def enqueue(self, message: Message) -> None:
@@ -191,7 +200,9 @@ class Service:
                     counters.shed += 1
 
     def start(self) -> None:
-        """Start the worker and connect to the broker."""
+        """Start the worker (and the metrics endpoint), connect to the broker."""
+        if self.metrics is not None:
+            self.metrics.start()
         self._worker.start()
         self.adapter.start()
 
@@ -213,6 +224,8 @@ class Service:
                 drain_timeout,
             )
         self.adapter.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         _LOG.info("stopped %s", _format_counters(self.counters))
 
     def _work(self) -> None:

@@ -45,6 +45,11 @@ class AlarmLifecycle:
         self._in_alarm: set[str] = set()
         self._streak: dict[str, int] = {}
 
+    @property
+    def alarms(self) -> int:
+        """How many devices are in alarm now."""
+        return len(self._in_alarm)
+
     def in_alarm(self, device: str) -> bool:
         """Return whether a device is currently in alarm."""
         return device in self._in_alarm
