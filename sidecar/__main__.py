@@ -25,6 +25,7 @@ EXIT_FAILURE = 1
 # What a service manager sends to stop us (systemd, Docker: SIGTERM) and what
 # Ctrl-C sends; both stop the sidecar cleanly.
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+BYTES_PER_MB = 1_000_000
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
@@ -117,6 +118,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="learn from normal traffic with injected faults; no labels needed",
     )
+
+    record = commands.add_parser(
+        "record", help="capture live traffic to JSON lines, for training"
+    )
+    record.add_argument("--config", type=Path, help="YAML configuration file")
+    record.add_argument("--out", type=Path, required=True, help="JSON-lines file")
+    record.add_argument(
+        "--max-mb", type=float, default=100.0, help="stop at this size (default 100)"
+    )
+    record.add_argument("--duration", type=float, help="stop after this many seconds")
 
     bench = commands.add_parser(
         "bench", help="throughput, latency and memory against a bare subscriber"
@@ -235,6 +246,34 @@ def _train_self_supervised(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def _record(args: argparse.Namespace) -> int:
+    import threading
+
+    from sidecar.record import record
+
+    settings = _settings(args.config)
+    stop = threading.Event()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        summary = record(
+            settings,
+            args.out,
+            max_bytes=int(args.max_mb * BYTES_PER_MB),
+            duration_s=args.duration,
+            stop=stop,
+            progress=sys.stderr,
+        )
+    except TimeoutError as err:
+        sys.stderr.write(f"anomaly-sidecar record: {err}\n")
+        return EXIT_FAILURE
+    sys.stdout.write(
+        f"{summary.written} messages, {summary.bytes_written} bytes in {args.out} "
+        f"({summary.reason}; {summary.dropped} dropped)\n"
+    )
+    return EXIT_OK
+
+
 def _bench(args: argparse.Namespace) -> int:
     from converters.bench import bench_command
 
@@ -247,6 +286,7 @@ _COMMANDS = {
     "demo": _demo,
     "train": _train,
     "bench": _bench,
+    "record": _record,
 }
 
 
