@@ -8,11 +8,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar.config import Settings, load_settings
 from sidecar.detector import load_cascade
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.logs import configure_logging
+
+if TYPE_CHECKING:
+    from sidecar.service import Service
 
 __all__ = ["main"]
 
@@ -25,7 +29,12 @@ EXIT_FAILURE = 1
 # What a service manager sends to stop us (systemd, Docker: SIGTERM) and what
 # Ctrl-C sends; both stop the sidecar cleanly.
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# SIGHUP reloads the config and models (the daemon convention); all three are
+# held for `run` to wait on.
+HELD_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 BYTES_PER_MB = 1_000_000
+# How often `run` looks at the config and model files for changes.
+RELOAD_POLL_S = 2.0
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
@@ -142,10 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="write the full report here")
     bench.add_argument("--config", type=Path, help="the sidecar's YAML config")
     bench.add_argument("--runs", type=int, help="runs per figure (default 3)")
-    bench.add_argument("--seconds", type=float, help="load per run (default 5)")
+    bench.add_argument("--seconds", type=float, help="load per run (default 4)")
     bench.add_argument("--qos", type=int, choices=[0, 1], default=0)
     bench.add_argument("--workers", type=int, help="load processes (default 2)")
-    bench.add_argument("--devices", type=int, help="devices (default 1000)")
+    bench.add_argument("--devices", type=int, help="devices (default 200)")
     bench.add_argument("--scale", help="fleet sizes (default 100,10000,100000)")
     bench.add_argument(
         "--stages", help="subset of throughput,latency,scale,memory,profile"
@@ -166,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     # so every thread inherits the mask and SIGTERM/SIGINT wait for sigwait
     # below instead of interrupting whatever runs: no KeyboardInterrupt
     # traceback, and a signal during start-up still ends in a clean stop.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         settings = _settings(args.config)
         models = load_cascade(
@@ -175,13 +184,97 @@ def _run(args: argparse.Namespace) -> int:
         service = Service(settings, models)
         service.start()
         try:
-            signum = signal.sigwait(STOP_SIGNALS)
-            _LOG.info("stopping signal=%s", signal.Signals(signum).name)
+            _serve(service, args.config)
         finally:
             service.stop()
     finally:
         _unblock_stop_signals()
     return EXIT_OK
+
+
+def _serve(service: Service, config: Path | None) -> None:
+    """Wait for a stop signal; meanwhile reload on SIGHUP or when files change.
+
+    The config file and the model files are polled (their size and mtime)
+    rather than watched with inotify: polling also sees edits through Docker
+    bind mounts and network filesystems, and a few stat calls every couple of
+    seconds cost nothing. A change is applied once the files stopped changing
+    for one poll, so a model half-way through being written is not loaded.
+    """
+    config_files = [config] if config is not None else []
+    config_watch = _FileWatch(config_files)
+    model_watch = _FileWatch(_model_files(service.settings))
+    while True:
+        info = signal.sigtimedwait(HELD_SIGNALS, RELOAD_POLL_S)
+        if info is not None and info.si_signo in STOP_SIGNALS:
+            _LOG.info("stopping signal=%s", signal.Signals(info.si_signo).name)
+            return
+        hangup = info is not None
+        if hangup:
+            _LOG.info("reloading signal=SIGHUP")
+        if (hangup or config_watch.settled_change()) and config is not None:
+            _reload_config(service, config)
+        if hangup or model_watch.settled_change():
+            _reload_models(service)
+            model_watch = _FileWatch(_model_files(service.settings))
+
+
+class _FileWatch:
+    """Report a change of some files once they have stopped changing."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._paths = list(paths)
+        self._applied = self._stamp()
+        self._last = self._applied
+
+    def _stamp(self) -> tuple[tuple[float, int], ...]:
+        stamps = []
+        for path in self._paths:
+            try:
+                status = path.stat()
+            except OSError:
+                stamps.append((-1.0, -1))
+            else:
+                stamps.append((status.st_mtime, status.st_size))
+        return tuple(stamps)
+
+    def settled_change(self) -> bool:
+        stamp = self._stamp()
+        settled = stamp == self._last and stamp != self._applied
+        self._last = stamp
+        if settled:
+            self._applied = stamp
+        return settled
+
+
+def _model_files(settings: Settings) -> list[Path]:
+    from sidecar.detector import card_path
+
+    models = settings.models
+    files = [models.directory / models.rf, models.directory / models.cnn]
+    return files + [card_path(path) for path in files]
+
+
+def _reload_config(service: Service, path: Path) -> None:
+    try:
+        settings = load_settings(path)
+    except ConfigError as err:
+        _LOG.error("config not reloaded, the running one is kept: %s", err)
+        return
+    service.reload(settings)
+
+
+def _reload_models(service: Service) -> None:
+    settings = service.settings
+    try:
+        models = load_cascade(
+            settings.models, settings.detection, settings.window.length
+        )
+    except SidecarError as err:
+        _LOG.error("models not reloaded, the running ones are kept: %s", err)
+        return
+    service.swap_models(models)
+    _LOG.info("models reloaded versions=%s", models.versions)
 
 
 def _unblock_stop_signals() -> None:
@@ -191,12 +284,12 @@ def _unblock_stop_signals() -> None:
     otherwise be delivered on unblocking and kill the process (or raise
     KeyboardInterrupt) just as it exits cleanly.
     """
-    while STOP_SIGNALS & signal.sigpending():
-        signum = signal.sigwait(STOP_SIGNALS)
+    while HELD_SIGNALS & signal.sigpending():
+        signum = signal.sigwait(HELD_SIGNALS)
         _LOG.info(
             "signal ignored while stopping signal=%s", signal.Signals(signum).name
         )
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

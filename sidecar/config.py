@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_TOPIC_RULES",
     "BrokerSettings",
     "DetectionSettings",
+    "DiscoverySettings",
     "LimitSettings",
     "LoggingSettings",
     "ModelSettings",
@@ -348,6 +350,101 @@ class MetricsSettings(_Frozen):
     port: Annotated[int, Field(ge=0, le=65535)] = 9108
 
 
+class DiscoverySettings(_Frozen):
+    """Home Assistant MQTT discovery of a problem sensor per watched device."""
+
+    enabled: bool = True
+    # Home Assistant's default discovery prefix (its MQTT integration's
+    # `discovery_prefix` option); change both together.
+    prefix: Annotated[str, Field(min_length=1, max_length=128)] = "homeassistant"
+    # Where Home Assistant announces itself (its default birth message topic);
+    # `online` there makes the sidecar send every config again.
+    status_topic: Annotated[str, Field(min_length=1, max_length=256)] = (
+        "homeassistant/status"
+    )
+    # The node id level of every config topic and the start of every unique
+    # id; two sidecars sharing one Home Assistant need different ones. Home
+    # Assistant accepts only these characters there (mqtt/discovery.py).
+    node_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "anomaly_sidecar"
+    # A sensor for each enabled condition (silent, frozen, unavailable,
+    # offline) beside the model verdict's.
+    conditions: bool = True
+
+    @field_validator("prefix", "status_topic")
+    @classmethod
+    def _plain_topic(cls, topic: str) -> str:
+        if any(char in topic for char in "+#\x00") or topic.startswith("$"):
+            message = "must be a plain topic without wildcards, NUL or a leading $"
+            raise ValueError(message)
+        return topic.rstrip("/")
+
+
+class MuteWindow(_Frozen):
+    """A daily stretch of local time in which verdicts are not published.
+
+    `start` after `end` spans midnight (22:00 to 06:00).
+    """
+
+    start: dt.time
+    end: dt.time
+
+    def covers(self, moment: dt.time) -> bool:
+        """Return whether a local time of day falls inside the window."""
+        if self.start <= self.end:
+            return self.start <= moment < self.end
+        return moment >= self.start or moment < self.end
+
+
+class Override(_Frozen):
+    """Settings for the devices one rule selects; later rules win per key.
+
+    A rule selects by device id (`device`, a shell-style pattern such as
+    `garage_*`) and/or by the MQTT filter of the topic the device publishes
+    on (`topic`, such as `tele/+/SENSOR`); with both, both must match.
+    """
+
+    device: Annotated[str, Field(min_length=1)] | None = None
+    topic: str | None = None
+    ignore: bool | None = None
+    mute: bool | None = None
+    mute_windows: list[MuteWindow] | None = None
+    rf_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    cnn_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    fused_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    alarm_after: Annotated[int, Field(ge=1, le=1000)] | None = None
+    clear_after: Annotated[int, Field(ge=1, le=100_000)] | None = None
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_topic_filter(cls, topic: str | None) -> str | None:
+        if topic is not None:
+            _check_filter(topic)
+        return topic
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> Override:
+        if self.device is None and self.topic is None:
+            message = (
+                "an override needs `device` (a pattern), `topic` (a filter) or both"
+            )
+            raise ValueError(message)
+        return self
+
+
+class FeedbackSettings(_Frozen):
+    """Users' `false_positive` marks, on `<prefix>/_feedback/<device>`."""
+
+    enabled: bool = True
+    # Each mark raises the device's fused-score threshold by this much (a
+    # tenth of the fused score's 0..1 range: a few marks quiet a device, one
+    # does not silence it), up to `max_threshold`.
+    step: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    max_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.99
+    # Where marks are kept across restarts; empty = the user's state folder
+    # ($XDG_STATE_HOME or ~/.local/state)/anomaly-sidecar/feedback.json.
+    state_file: Path | None = None
+
+
 class LoggingSettings(_Frozen):
     """How the process logs."""
 
@@ -370,7 +467,10 @@ class Settings(_Frozen):
     detection: DetectionSettings = DetectionSettings()
     conditions: ConditionSettings = ConditionSettings()
     health: HealthSettings = HealthSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
     metrics: MetricsSettings = MetricsSettings()
+    overrides: list[Override] = []
+    feedback: FeedbackSettings = FeedbackSettings()
     logging: LoggingSettings = LoggingSettings()
 
 

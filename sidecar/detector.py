@@ -31,6 +31,7 @@ __all__ = [
     "CascadeScores",
     "ModelCard",
     "OnnxModel",
+    "RowLimits",
     "Scorer",
     "Threshold",
     "card_path",
@@ -178,6 +179,15 @@ class OnnxModel:
 
 
 @dataclass(frozen=True, slots=True)
+class RowLimits:
+    """Per-row thresholds, for batches where some devices have their own."""
+
+    rf: npt.NDArray[np.float64]
+    cnn: npt.NDArray[np.float64]
+    fused: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
 class CascadeScores:
     """Scores of one batch of windows.
 
@@ -232,11 +242,13 @@ class Cascade:
         vectors: FloatArray,
         windows: FloatArray,
         devices: Sequence[DeviceCalibration],
+        limits: RowLimits | None = None,
     ) -> CascadeScores:
         """Score a batch: vectors (n, F), windows (n, C, W), each row's device.
 
         Rows of one device must be in stream order; rows still learning their
-        device's reference are scored by both models and teach it.
+        device's reference are scored by both models and teach it. `limits`
+        replaces the cascade's thresholds row by row (device overrides).
         """
         n = len(vectors)
         rf_raw = self.rf.score(vectors).astype(np.float64)
@@ -261,17 +273,19 @@ class Cascade:
             [d.reference if d.reference is not None else (1.0, 1.0) for d in devices]
         ).reshape(n, 2)
         rf = np.where(scored, calibrated(rf_raw, references[:, 0]), 0.0)
-        flagged = scored & self.rf_threshold.decide(rf)
+        if limits is None:
+            limits = RowLimits(
+                np.full(n, self.rf_threshold.value),
+                np.full(n, self.cnn_threshold.value),
+                np.full(n, self.fused_threshold.value),
+            )
+        flagged = scored & (rf > limits.rf)
         needed = flagged & np.isnan(cnn_raw)
         if needed.any():
             cnn_raw[needed] = self.cnn.score(windows[needed])
         cnn = np.where(flagged, calibrated(cnn_raw, references[:, 1]), np.nan)
         fused = np.where(flagged, (rf + np.nan_to_num(cnn)) / 2.0, rf / 2.0)
-        confirmed = (
-            flagged
-            & self.cnn_threshold.decide(np.nan_to_num(cnn))
-            & self.fused_threshold.decide(fused)
-        )
+        confirmed = flagged & (np.nan_to_num(cnn) > limits.cnn) & (fused > limits.fused)
         return CascadeScores(rf, cnn, fused, confirmed, learning)
 
 

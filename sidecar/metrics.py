@@ -98,17 +98,21 @@ class MetricsEndpoint:
         self.settings = settings
         self.registry = CollectorRegistry()
         self.registry.register(_CounterCollector(snapshot))
-        latency = Histogram(
+        self._latency = Histogram(
             f"{NAMESPACE}_inference_seconds",
             "Time of one model run over a batch of windows.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        for name, model in models.items():
-            model.on_run = _observer(latency.labels(model=name))
+        self.time_models(models)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def time_models(self, models: dict[str, OnnxModel]) -> None:
+        """Time every run of these models (again after a model swap)."""
+        for name, model in models.items():
+            model.on_run = _observer(self._latency.labels(model=name))
 
     @property
     def port(self) -> int:

@@ -12,17 +12,19 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import TypeVar
 
 import numpy as np
 
 from sidecar.calibration import DeviceCalibration
 from sidecar.conditions import ConditionVerdict, DeviceWatch, availability_state
 from sidecar.config import ConditionSettings, LimitSettings
-from sidecar.detector import Cascade
+from sidecar.detector import Cascade, RowLimits
 from sidecar.features import DeviceState, FeatureSpec
+from sidecar.overrides import NO_RULES, DeviceRules, FeedbackStore, OverrideTable
 from sidecar.payload import PayloadKind, Readings, parse_payload
 from sidecar.stream import Message
-from sidecar.topics import Route, RouteKind, TopicRouter
+from sidecar.topics import Route, RouteKind, TopicRouter, device_topic_segment
 from sidecar.verdicts import AlarmLifecycle, Transition, Verdict
 
 __all__ = ["BatchResult", "Counters", "Pipeline", "WindowScore"]
@@ -61,6 +63,9 @@ class Counters:
     verdicts_cleared: int = 0
     conditions_raised: int = 0
     conditions_cleared: int = 0
+    ignored_by_override: int = 0
+    verdicts_muted: int = 0
+    feedback_marks: int = 0
     publish_failures: int = 0
     worker_errors: int = 0
 
@@ -92,6 +97,8 @@ class BatchResult:
     verdicts: list[Verdict] = field(default_factory=list)
     scores: list[WindowScore] = field(default_factory=list)
     conditions: list[ConditionVerdict] = field(default_factory=list)
+    # Devices that started or stopped being tracked (new, or evicted).
+    devices_changed: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -99,7 +106,20 @@ class _Tracked:
     state: DeviceState
     calibration: DeviceCalibration
     watch: DeviceWatch = field(default_factory=DeviceWatch)
+    rules: DeviceRules = NO_RULES
+    topic: str = ""
     seq: int = -1
+
+
+_AnyVerdict = TypeVar("_AnyVerdict", Verdict, ConditionVerdict)
+
+
+def _verdict_time(item: Verdict | ConditionVerdict) -> float:
+    return item.received_at if isinstance(item, Verdict) else item.at
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 _PAYLOAD_COUNTERS = {
@@ -133,6 +153,8 @@ class Pipeline:
         limits: LimitSettings,
         model_versions: dict[str, str],
         conditions: ConditionSettings | None = None,
+        overrides: OverrideTable | None = None,
+        feedback: FeedbackStore | None = None,
     ) -> None:
         self.router = router
         self.cascade = cascade
@@ -141,10 +163,13 @@ class Pipeline:
         self.limits = limits
         self.model_versions = model_versions
         self.conditions = conditions if conditions is not None else ConditionSettings()
+        self.overrides = overrides if overrides is not None else OverrideTable([])
+        self.feedback = feedback
         # Conditions and eviction clears found while ingesting, handed out by
         # the next `process` result.
         self._conditions: list[ConditionVerdict] = []
         self._evicted: list[Verdict] = []
+        self._devices_changed: list[str] = []
         self.counters = Counters()
         self._device_spec = dataclasses.replace(
             spec, max_keys=limits.max_keys_per_device
@@ -156,9 +181,18 @@ class Pipeline:
         """How many devices currently have state."""
         return len(self._devices)
 
+    def tracks(self, device: str) -> bool:
+        """Return whether a device currently has state."""
+        return device in self._devices
+
+    def device_ids(self) -> list[str]:
+        """The devices that currently have state, least recently seen first."""
+        return list(self._devices)
+
     def process(self, batch: Sequence[Message]) -> BatchResult:
         """Route, parse and window every message, then score the ready windows."""
         pending: list[tuple[str, int, Message, DeviceState]] = []
+        rules: list[DeviceRules] = []
         calibrations = []
         vectors = []
         windows = []
@@ -170,24 +204,40 @@ class Pipeline:
             device, tracked = ready
             features = tracked.state.features()
             pending.append((device, tracked.seq, message, tracked.state))
+            rules.append(tracked.rules)
             calibrations.append(tracked.calibration)
             vectors.append(features.vector)
             windows.append(features.window)
 
-        result = BatchResult(verdicts=self._evicted, conditions=self._conditions)
+        result = BatchResult(
+            verdicts=self._unmuted(self._evicted),
+            conditions=self._unmuted(self._conditions),
+            devices_changed=self._devices_changed,
+        )
         self._evicted = []
+        self._devices_changed = []
         self._conditions = []
         self._count_conditions(result.conditions)
         if not pending:
             return result
-        scores = self.cascade.score(np.stack(vectors), np.stack(windows), calibrations)
+        limits = self._limits([item[0] for item in pending], rules)
+        scores = self.cascade.score(
+            np.stack(vectors), np.stack(windows), calibrations, limits
+        )
         self.counters.windows_scored += len(pending)
         self.counters.cnn_runs += int(np.count_nonzero(~np.isnan(scores.cnn)))
         self.counters.calibrating += int(np.count_nonzero(scores.learning))
         for row, (device, seq, message, state) in enumerate(pending):
             confirmed = bool(scores.confirmed[row])
             learning = bool(scores.learning[row])
-            transition = None if learning else self.lifecycle.step(device, confirmed)
+            own = rules[row]
+            transition = (
+                None
+                if learning
+                else self.lifecycle.step(
+                    device, confirmed, own.alarm_after, own.clear_after
+                )
+            )
             rf = float(scores.rf[row])
             cnn = float(scores.cnn[row])
             fused = float(scores.fused[row])
@@ -206,6 +256,9 @@ class Pipeline:
                 )
             )
             if transition is None:
+                continue
+            if own.muted(message.received_at):
+                self.counters.verdicts_muted += 1
                 continue
             if transition is Transition.RAISED:
                 self.counters.verdicts_raised += 1
@@ -246,8 +299,11 @@ class Pipeline:
             # scoring it again would add a stale reading to the window.
             self.counters.retained_replays += 1
             return None
+        tracked = self._tracked(route.device, message.received_at, message.topic)
+        if tracked.rules.ignore:
+            self.counters.ignored_by_override += 1
+            return None
         readings = self._parse(message, route)
-        tracked = self._tracked(route.device, message.received_at)
         before = tracked.state.dropped_keys
         tracked.state.update(readings, len(message.payload), message.received_at)
         self._conditions.extend(
@@ -302,7 +358,7 @@ class Pipeline:
         else:
             self.counters.unknown_topic += 1
 
-    def _tracked(self, device: str, at: float) -> _Tracked:
+    def _tracked(self, device: str, at: float, topic: str) -> _Tracked:
         tracked = self._devices.get(device)
         if tracked is not None:
             self._devices.move_to_end(device)
@@ -310,10 +366,15 @@ class Pipeline:
         if len(self._devices) >= self.limits.max_devices:
             evicted, old = self._devices.popitem(last=False)
             self._clear_evicted(evicted, old, at)
+            self._devices_changed.append(evicted)
             self.lifecycle.forget(evicted)
             self.counters.devices_evicted += 1
             _LOG.debug("device evicted device=%r", evicted)
         tracked = _Tracked(DeviceState(self._device_spec), self.cascade.new_device())
+        self._devices_changed.append(device)
+        tracked.topic = topic
+        if self.overrides:
+            tracked.rules = self.overrides.resolve(device, topic)
         self._devices[device] = tracked
         return tracked
 
@@ -321,9 +382,148 @@ class Pipeline:
         """Judge what only the clock shows (silence, long unavailability)."""
         found = []
         for device, tracked in self._devices.items():
-            found.extend(tracked.watch.check(device, now, self.conditions))
+            if not tracked.rules.ignore:
+                found.extend(tracked.watch.check(device, now, self.conditions))
+        found = self._unmuted(found)
         self._count_conditions(found)
         return found
+
+    def swap_models(
+        self,
+        cascade: Cascade,
+        spec: FeatureSpec,
+        versions: dict[str, str],
+        alarm_after: int,
+        clear_after: int,
+    ) -> None:
+        """Serve new models from the next batch on.
+
+        Per-device score calibration belongs to the old models and is learned
+        again. Windows and baselines are kept when the feature spec is the
+        same; otherwise every device warms up again. Alarm states are kept.
+        """
+        self.cascade = cascade
+        self.model_versions = versions
+        self.lifecycle.alarm_after = alarm_after
+        self.lifecycle.clear_after = clear_after
+        same_features = spec == self.spec
+        if not same_features:
+            self.spec = spec
+            self._device_spec = dataclasses.replace(
+                spec, max_keys=self.limits.max_keys_per_device
+            )
+        for tracked in self._devices.values():
+            tracked.calibration = cascade.new_device()
+            if not same_features:
+                tracked.state = DeviceState(self._device_spec)
+        _LOG.info(
+            "models swapped versions=%s devices=%d windows_kept=%s",
+            versions,
+            len(self._devices),
+            same_features,
+        )
+
+    def apply_overrides(self, overrides: OverrideTable) -> None:
+        """Use new override rules from now on, for known devices too."""
+        self.overrides = overrides
+        for device, tracked in self._devices.items():
+            tracked.rules = overrides.resolve(device, tracked.topic)
+
+    def mark_false_positive(self, segment: str, at: float) -> list[Verdict]:
+        """Apply a user's false-positive mark to the device behind a topic level.
+
+        The device's fused threshold goes up a step (remembered in the
+        feedback file) and, if it is in alarm, the alarm is cleared.
+        """
+        if self.feedback is None:
+            return []
+        device = next(
+            (name for name in self._devices if device_topic_segment(name) == segment),
+            None,
+        )
+        if device is None:
+            _LOG.warning("feedback for an unknown device segment=%r", segment)
+            return []
+        marks = self.feedback.mark(device)
+        self.counters.feedback_marks += 1
+        tracked = self._devices[device]
+        base = tracked.rules.fused_threshold
+        if base is None:
+            base = self.cascade.fused_threshold.value
+        threshold = self.feedback.raise_threshold(device, base)
+        _LOG.info(
+            "false positive marked device=%r marks=%d fused_threshold=%.3f",
+            device,
+            marks,
+            threshold,
+        )
+        if not self.lifecycle.in_alarm(device):
+            return []
+        self.lifecycle.forget(device)
+        self.counters.verdicts_cleared += 1
+        return [
+            self._note_verdict(
+                device,
+                tracked,
+                at,
+                f"marked false positive by a user ({marks} so far); its fused "
+                f"threshold is now {threshold:.2f}",
+            )
+        ]
+
+    def _limits(
+        self, devices: Sequence[str], rules: Sequence[DeviceRules]
+    ) -> RowLimits | None:
+        """Per-row thresholds where overrides or feedback change them; else None."""
+        feedback = self.feedback
+        if not any(item.changes_thresholds for item in rules) and (
+            feedback is None or not any(feedback.marks(d) for d in devices)
+        ):
+            return None
+        cascade = self.cascade
+        rf = []
+        cnn = []
+        fused = []
+        for device, item in zip(devices, rules, strict=True):
+            rf.append(_or(item.rf_threshold, cascade.rf_threshold.value))
+            cnn.append(_or(item.cnn_threshold, cascade.cnn_threshold.value))
+            base = _or(item.fused_threshold, cascade.fused_threshold.value)
+            if feedback is not None:
+                base = feedback.raise_threshold(device, base)
+            fused.append(base)
+        return RowLimits(np.array(rf), np.array(cnn), np.array(fused))
+
+    def _unmuted(self, found: list[_AnyVerdict]) -> list[_AnyVerdict]:
+        if not self.overrides:
+            return found
+        kept = []
+        for item in found:
+            tracked = self._devices.get(item.device)
+            rules = tracked.rules if tracked is not None else NO_RULES
+            if rules.muted(_verdict_time(item)):
+                self.counters.verdicts_muted += 1
+            else:
+                kept.append(item)
+        return kept
+
+    def _note_verdict(
+        self, device: str, tracked: _Tracked, at: float, note: str
+    ) -> Verdict:
+        return Verdict(
+            device=device,
+            state=Transition.CLEARED,
+            score=math.nan,
+            rf_score=math.nan,
+            cnn_score=math.nan,
+            topic="",
+            received_at=at,
+            seq=tracked.seq,
+            models=self.model_versions,
+            evidence=(),
+            typical_gap_s=math.nan,
+            last_gap_s=math.nan,
+            note=note,
+        )
 
     def _announce(self, route: Route, message: Message) -> None:
         if not self.conditions.offline.enabled:
@@ -331,7 +531,8 @@ class Pipeline:
         online = availability_state(message.payload)
         if online is None:
             return
-        change = self._tracked(route.device, message.received_at).watch.announce(
+        tracked = self._tracked(route.device, message.received_at, message.topic)
+        change = tracked.watch.announce(
             route.device,
             online,
             message.received_at,
@@ -355,23 +556,7 @@ class Pipeline:
         )
         if self.lifecycle.in_alarm(device):
             self.counters.verdicts_cleared += 1
-            self._evicted.append(
-                Verdict(
-                    device=device,
-                    state=Transition.CLEARED,
-                    score=math.nan,
-                    rf_score=math.nan,
-                    cnn_score=math.nan,
-                    topic="",
-                    received_at=now,
-                    seq=old.seq,
-                    models=self.model_versions,
-                    evidence=(),
-                    typical_gap_s=math.nan,
-                    last_gap_s=math.nan,
-                    note=note,
-                )
-            )
+            self._evicted.append(self._note_verdict(device, old, now, note))
         for kind in old.watch.raised():
             self._conditions.append(
                 ConditionVerdict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -13,9 +14,11 @@ from collections.abc import Callable, Sequence
 from sidecar.conditions import ConditionKind, ConditionVerdict
 from sidecar.config import Settings
 from sidecar.detector import LoadedModels
+from sidecar.discovery import Discovery
 from sidecar.health import DataPathHealth
 from sidecar.metrics import MetricsEndpoint
 from sidecar.mqtt import MqttAdapter
+from sidecar.overrides import FALSE_POSITIVE, FeedbackStore, OverrideTable
 from sidecar.pipeline import BatchResult, Pipeline, WindowScore
 from sidecar.stream import Message
 from sidecar.topics import TopicRouter, device_topic_segment, filter_matches
@@ -25,6 +28,7 @@ __all__ = [
     "Service",
     "build_pipeline",
     "condition_topic",
+    "feedback_topic",
     "health_topic",
     "probe_topic",
     "score_topic",
@@ -58,6 +62,10 @@ STATUS_LEVEL = "_status"
 SCORES_LEVEL = "_scores"
 HEALTH_LEVEL = "_health"
 PROBE_LEVEL = "_probe"
+FEEDBACK_LEVEL = "_feedback"
+# Feedback messages waiting for the worker; users send a handful a day, so
+# past this the oldest are dropped (deque maxlen), never buffered without end.
+FEEDBACK_QUEUE_SIZE = 1000
 # How often the worker runs its clock-driven duties (probe, broker counter).
 TICK_INTERVAL_S = 1.0
 
@@ -75,6 +83,11 @@ def verdict_topic(prefix: str, device: str) -> str:
 def condition_topic(prefix: str, device: str, kind: ConditionKind) -> str:
     """The topic a device's silent/frozen/unavailable/offline verdicts go to."""
     return f"{prefix}/{device_topic_segment(device)}/{kind.value}"
+
+
+def feedback_topic(prefix: str, device: str) -> str:
+    """Where a user marks a device's last alarm as a false positive."""
+    return f"{prefix}/{FEEDBACK_LEVEL}/{device_topic_segment(device)}"
 
 
 def health_topic(prefix: str) -> str:
@@ -106,6 +119,8 @@ def build_pipeline(settings: Settings, models: LoadedModels) -> Pipeline:
         settings.limits,
         models.versions,
         settings.conditions,
+        OverrideTable(settings.overrides),
+        FeedbackStore(settings.feedback) if settings.feedback.enabled else None,
     )
 
 
@@ -138,10 +153,22 @@ class Service:
         self._on_verdict = on_verdict
         self._shed_lock = threading.Lock()
         self._scores_skipped = 0
+        self._feedback_prefix = f"{settings.output.prefix}/{FEEDBACK_LEVEL}/"
+        self._feedback: collections.deque[Message] = collections.deque(
+            maxlen=FEEDBACK_QUEUE_SIZE
+        )
+        # Work handed to the worker from other threads (reloads), run between
+        # batches so the pipeline is only ever touched by the worker.
+        self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         prefix = settings.output.prefix
         self.health = DataPathHealth(
             health_topic(prefix), probe_topic(prefix), settings.health, self._send
         )
+        self.discovery: Discovery | None = None
+        if settings.discovery.enabled:
+            self.discovery = Discovery(
+                settings.discovery, settings.output, settings.conditions, self._send
+            )
         self.adapter = MqttAdapter(
             settings.broker,
             _filters(settings),
@@ -182,8 +209,17 @@ class Service:
         if self.health.on_message(message.topic, message.payload):
             counters.broker_stats += 1
             return
+        discovery = self.discovery
+        if discovery is not None and discovery.on_message(
+            message.topic, message.payload
+        ):
+            # A discovery config of ours: own output, whatever the rules say.
+            counters.own_output += 1
+            return
         if self.pipeline.router.is_own_output(message.topic):
             counters.own_output += 1
+            if message.topic.startswith(self._feedback_prefix):
+                self._feedback.append(message)
             return
         try:
             self._queue.put_nowait(message)
@@ -240,6 +276,14 @@ class Service:
                 self._handle(batch)
             elif self._stop.is_set():
                 return
+            self._run_requests()
+            self._apply_feedback()
+            if self.discovery is not None:
+                self.discovery.tick(
+                    self.adapter.connects,
+                    self.adapter.connected.is_set(),
+                    self.pipeline.device_ids,
+                )
             now = time.monotonic()
             if now - last_tick >= TICK_INTERVAL_S:
                 last_tick = now
@@ -252,6 +296,77 @@ class Service:
             if now - last_stats >= STATS_INTERVAL_S:
                 last_stats = now
                 _LOG.info("stats %s", _format_counters(self.counters))
+
+    def reload(self, settings: Settings) -> None:
+        """Apply what can change while running; name what needs a restart.
+
+        Overrides (thresholds, alarm and clear counts, mute windows, ignore
+        lists), conditions and the log level take effect between two batches;
+        broker, subscriptions, output, topics, limits, models and the rest
+        are kept as they were, and a warning lists them.
+        """
+        live = {"overrides", "conditions", "logging"}
+        changed = [
+            name
+            for name in type(settings).model_fields
+            if getattr(settings, name) != getattr(self.settings, name)
+        ]
+        needs_restart = [name for name in changed if name not in live]
+        if needs_restart:
+            _LOG.warning(
+                "config reloaded; these sections need a restart to change: %s",
+                ",".join(needs_restart),
+            )
+
+        def apply() -> None:
+            self.pipeline.apply_overrides(OverrideTable(settings.overrides))
+            self.pipeline.conditions = settings.conditions
+            logging.getLogger().setLevel(settings.logging.level)
+            _LOG.info(
+                "config applied changed=%s overrides=%d",
+                ",".join(name for name in changed if name in live) or "nothing",
+                len(settings.overrides),
+            )
+
+        self._requests.put(apply)
+
+    def swap_models(self, models: LoadedModels) -> None:
+        """Serve newly loaded models from the next batch on, without a restart."""
+        if self.metrics is not None:
+            self.metrics.time_models({"rf": models.rf, "cnn": models.cnn})
+
+        def apply() -> None:
+            self.pipeline.swap_models(
+                models.cascade,
+                models.spec,
+                models.versions,
+                models.alarm_after,
+                models.clear_after,
+            )
+
+        self._requests.put(apply)
+
+    def _run_requests(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            request()
+
+    def _apply_feedback(self) -> None:
+        while self._feedback:
+            message = self._feedback.popleft()
+            segment = message.topic[len(self._feedback_prefix) :]
+            if message.payload.strip().lower() != FALSE_POSITIVE:
+                _LOG.warning(
+                    "feedback not understood segment=%r; publish %s",
+                    segment,
+                    FALSE_POSITIVE.decode(),
+                )
+                continue
+            cleared = self.pipeline.mark_false_positive(segment, time.time())
+            self._publish(BatchResult(verdicts=cleared))
 
     def _shed_queued(self) -> None:
         shed = 0
@@ -314,6 +429,8 @@ class Service:
             if self._on_verdict is not None:
                 self._on_verdict(verdict)
         self._publish_conditions(result.conditions)
+        if self.discovery is not None:
+            self.discovery.reconcile(result.devices_changed, self.pipeline.tracks)
         if output.publish_scores and not self.adapter.connected.is_set():
             self._scores_skipped += len(result.scores)
         elif output.publish_scores:
@@ -353,8 +470,9 @@ def _filters(settings: Settings) -> list[str]:
     """The configured filters plus what the self-checks need and they miss.
 
     `#` does not match `$SYS` topics (MQTT 3.1.1 section 4.7.2), so the
-    broker's drop counter is always subscribed by name; the probe only when
-    no configured filter covers it, to avoid a second copy of each probe.
+    broker's drop counter is always subscribed by name; the probe (and Home
+    Assistant's status topic, for discovery) only when no configured filter
+    covers it, to avoid a second copy of each message.
     """
     filters = list(settings.subscribe.include)
     prefix = settings.output.prefix
@@ -363,6 +481,10 @@ def _filters(settings: Settings) -> list[str]:
         wanted.append(probe_topic(prefix))
     if settings.health.broker_dropped_topic:
         wanted.append(settings.health.broker_dropped_topic)
+    if settings.discovery.enabled:
+        wanted.append(settings.discovery.status_topic)
+    if settings.feedback.enabled:
+        wanted.append(f"{prefix}/{FEEDBACK_LEVEL}/+")
     for topic in wanted:
         if not any(filter_matches(item, topic) for item in filters):
             filters.append(topic)

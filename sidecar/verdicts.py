@@ -54,17 +54,29 @@ class AlarmLifecycle:
         """Return whether a device is currently in alarm."""
         return device in self._in_alarm
 
-    def step(self, device: str, confirmed: bool) -> Transition | None:
-        """Record one scored window of a device; return a transition if any."""
+    def step(
+        self,
+        device: str,
+        confirmed: bool,
+        alarm_after: int | None = None,
+        clear_after: int | None = None,
+    ) -> Transition | None:
+        """Record one scored window of a device; return a transition if any.
+
+        `alarm_after` and `clear_after` replace the lifecycle's own counts for
+        this device (device overrides).
+        """
+        alarm_after = alarm_after or self.alarm_after
+        clear_after = clear_after or self.clear_after
         alarmed = device in self._in_alarm
         # The streak counts windows that argue for leaving the current state.
         argues_for_change = confirmed != alarmed
         streak = self._streak.get(device, 0) + 1 if argues_for_change else 0
-        if not alarmed and streak >= self.alarm_after:
+        if not alarmed and streak >= alarm_after:
             self._in_alarm.add(device)
             self._streak.pop(device, None)
             return Transition.RAISED
-        if alarmed and streak >= self.clear_after:
+        if alarmed and streak >= clear_after:
             self._in_alarm.discard(device)
             self._streak.pop(device, None)
             return Transition.CLEARED
