@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # for it first keeps the later resolve from pulling a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint models evaluate clean
+.PHONY: demo test lint models evaluate bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ models: $(STAMP)
 
 evaluate: $(STAMP)
 	$(BIN)/anomaly-sidecar evaluate --dataset ton_iot --data ../shared/data/ton_iot_telemetry --json out/evaluate.json
+
+# Starts its own Mosquitto on a free loopback port (needs `mosquitto` on PATH
+# or in /usr/sbin), prints the table and writes out/bench.json; about 5 min.
+bench: $(STAMP)
+	$(BIN)/anomaly-sidecar bench --start-mosquitto --json out/bench.json
 
 clean:
 	rm -rf $(VENV) out

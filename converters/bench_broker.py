@@ -45,9 +45,13 @@ PORT_POLL_S = 0.02
 # was full (QoS 0 to a slow client, QoS 1/2 past max_queued_messages).
 DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 CONNECT_TIMEOUT_S = 5.0
-# A fresh `$SYS` value comes every SYS_INTERVAL_S; waiting for one published
-# after a moment takes at most that plus scheduling slack on a busy machine.
-FRESH_VALUE_TIMEOUT_S = SYS_INTERVAL_S * 5.0
+# Mosquitto publishes a `$SYS` value at its next SYS_INTERVAL_S tick, and
+# only if it changed: when none came for 1.5 intervals after a moment, the
+# value it last published is still current at that moment.
+UNCHANGED_AFTER_S = SYS_INTERVAL_S * 1.5
+# The retained value arrives within milliseconds of connecting; a broker
+# without one (amqtt) costs this wait once.
+FIRST_VALUE_S = SYS_INTERVAL_S * 2.0
 
 
 def free_port(host: str = LOOPBACK_HOST) -> int:
@@ -169,17 +173,25 @@ class DroppedCounter:
         self._client.on_message = self._on_message
         self._client.connect(host, port)
         self._client.loop_start()
+        # Mosquitto retains its `$SYS` values: the first comes with the SUBACK.
+        with self._changed:
+            self._changed.wait_for(lambda: self._value is not None, FIRST_VALUE_S)
+
+    def latest(self) -> int | None:
+        """The last value the broker published (None before the first)."""
+        with self._changed:
+            return self._value
 
     def read_after(self, moment: float) -> int | None:
-        """The counter as published after `moment` (time.time()), waiting for it.
+        """The counter as it stood at `moment` (time.time()) or later.
 
-        Returns None if the broker publishes no such counter (amqtt, or a
-        Mosquitto without `sys_interval`).
+        Waits for a value published after `moment`, or for UNCHANGED_AFTER_S
+        past it without one. Returns None if the broker publishes no such
+        counter (amqtt, or a Mosquitto without `sys_interval`).
         """
+        timeout = max(0.0, moment + UNCHANGED_AFTER_S - time.time())
         with self._changed:
-            self._changed.wait_for(
-                lambda: self._updated_at > moment, FRESH_VALUE_TIMEOUT_S
-            )
+            self._changed.wait_for(lambda: self._updated_at > moment, timeout)
             return self._value
 
     def close(self) -> None:

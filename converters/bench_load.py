@@ -251,7 +251,11 @@ class LoadGenerators:
 
     def __init__(self, spec: LoadSpec, workers: int) -> None:
         self.spec = spec
-        context = multiprocessing.get_context("spawn")
+        # A fork server starts one clean process once and forks generators
+        # from it: no threads of the caller are inherited (paho's, the
+        # sidecar's), and later runs skip the interpreter start-up.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
         self._go = context.Event()
         self._results: Any = context.Queue()
         self._processes = [

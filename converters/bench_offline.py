@@ -41,12 +41,13 @@ READING_GAP_S = 0.05
 SCORED_SPARE = 2
 # Readings per device in the memory probe of a whole fleet: a device's
 # window and baseline arrays are allocated at its first reading of each key
-# and reused from then on, so three readings reach its steady size before
-# scoring.
-FLEET_READINGS = 3
+# (every benchmark reading has both keys) and reused from then on, so one
+# reading reaches its steady size before scoring.
+FLEET_READINGS = 1
 # Devices brought all the way to scoring in the memory probe, which adds
-# what scoring keeps per device (alarm lifecycle, calibration).
-SCORED_DEVICES = 1_000
+# what scoring keeps per device (alarm lifecycle, calibration): enough for
+# their state (MBs) to stand well clear of the RSS noise (100s of kB).
+SCORED_DEVICES = 300
 BYTES_PER_MB = 1024 * 1024
 # A probe loads both models and feeds up to 300,000 readings; minutes only
 # when something is wrong.

@@ -57,11 +57,12 @@ CONNECT_TIMEOUT_S = 10.0
 # After the load, the sidecar drains its queue for at most this long on stop;
 # what is left is shed and counted (Service.stop). Short: the throughput is
 # measured while the load runs, the drain only settles the accounting.
-STOP_DRAIN_S = 1.0
-# Faulty devices in the latency stage, of LATENCY_DEVICES; each raises and
-# clears about once per bench_load.FAULT_CYCLE messages.
+STOP_DRAIN_S = 0.5
+# Devices of the latency stage (at most; fewer if the bench has fewer), one
+# in LATENCY_FAULTY_EVERY of them faulty: each raises and clears about once
+# per bench_load.FAULT_CYCLE of its messages.
 LATENCY_DEVICES = 100
-LATENCY_FAULTY = 20
+LATENCY_FAULTY_EVERY = 5
 MS_PER_S = 1000.0
 PERCENTILES = {"p50": 50.0, "p99": 99.0}
 
@@ -123,7 +124,9 @@ def _load(
     generators = LoadGenerators(spec, bench.workers)
     try:
         generators.start()
-        dropped_before = bench.dropped.read_after(time.time())
+        # No load since the last run settled and its drops were read from a
+        # value published after that: the latest value is current.
+        dropped_before = bench.dropped.latest()
         handled_before = handled()
         started = generators.go()
         results = generators.finish()
@@ -347,8 +350,10 @@ def run_latency(bench: Bench, rate: float, scores: bool = False) -> Run:
     the sidecar's receive to the verdict (`received_at` in the verdict) is
     exact always.
     """
-    spec = bench.spec(LATENCY_DEVICES, rate=rate, faulty=LATENCY_FAULTY)
-    sidecar = _RunningSidecar(bench, LATENCY_DEVICES, True, LATENCY_DEVICES, scores)
+    devices = min(LATENCY_DEVICES, bench.devices)
+    faulty = max(1, devices // LATENCY_FAULTY_EVERY)
+    spec = bench.spec(devices, rate=rate, faulty=faulty)
+    sidecar = _RunningSidecar(bench, devices, True, devices, scores)
     listener = VerdictListener(bench.host, bench.port, bench.settings.output.prefix)
     try:
         received_before = sidecar.load_received()
