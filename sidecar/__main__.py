@@ -128,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
         help="learn from normal traffic with injected faults; no labels needed",
     )
 
+    broker = commands.add_parser(
+        "broker", help="an embedded MQTT broker with the sidecar running inside"
+    )
+    broker.add_argument("--config", type=Path, help="YAML configuration file")
+    broker.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    broker.add_argument("--port", type=int, default=1883, help="TCP port")
+
     record = commands.add_parser(
         "record", help="capture live traffic to JSON lines, for training"
     )
@@ -339,6 +346,26 @@ def _train_self_supervised(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def _broker(args: argparse.Namespace) -> int:
+    from sidecar.broker import EmbeddedBroker
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # Validated here first, so a config error reads as one, with exit 2.
+        _settings(args.config)
+        options = {"config_file": str(args.config) if args.config else None}
+        plugins = {"sidecar.plugin.SidecarPlugin": options}
+        with EmbeddedBroker(args.host, args.port, plugins=plugins):
+            _LOG.info(
+                "broker with sidecar listening host=%s port=%d", args.host, args.port
+            )
+            signum = signal.sigwait(STOP_SIGNALS)
+            _LOG.info("stopping signal=%s", signal.Signals(signum).name)
+    finally:
+        _unblock_stop_signals()
+    return EXIT_OK
+
+
 def _record(args: argparse.Namespace) -> int:
     import threading
 
@@ -380,6 +407,7 @@ _COMMANDS = {
     "train": _train,
     "bench": _bench,
     "record": _record,
+    "broker": _broker,
 }
 
 

@@ -69,6 +69,8 @@ class EmbeddedBroker:
     Args:
         host: The address to listen on.
         port: The TCP port to listen on; 0 picks a free port on `host` first.
+        plugins: More amqtt plugins, by dotted class path, with their options
+            (`sidecar.plugin.SidecarPlugin` runs the sidecar inside).
 
     Example:
         >>> with EmbeddedBroker(port=0) as broker:
@@ -76,7 +78,13 @@ class EmbeddedBroker:
         True
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        plugins: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        self._plugins = dict(plugins or {})
         self._host = host
         self._port = port if port != 0 else _pick_free_port(host)
         self._thread: threading.Thread | None = None
@@ -209,7 +217,10 @@ class EmbeddedBroker:
         host = f"[{self._host}]" if ":" in self._host else self._host
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{self._port}"}},
-            "plugins": {_ANONYMOUS_AUTH_PLUGIN: {"allow_anonymous": True}},
+            "plugins": {
+                _ANONYMOUS_AUTH_PLUGIN: {"allow_anonymous": True},
+                **self._plugins,
+            },
         }
 
     def _request_stop(self) -> None:

@@ -22,6 +22,7 @@ from sidecar.overrides import FALSE_POSITIVE, FeedbackStore, OverrideTable
 from sidecar.pipeline import BatchResult, Pipeline, WindowScore
 from sidecar.stream import Message
 from sidecar.topics import TopicRouter, device_topic_segment, filter_matches
+from sidecar.transport import Transport, TransportFactory
 from sidecar.verdicts import AlarmLifecycle, Verdict
 
 __all__ = [
@@ -144,6 +145,7 @@ class Service:
         settings: Settings,
         models: LoadedModels,
         on_verdict: Callable[[Verdict], None] | None = None,
+        transport: TransportFactory | None = None,
     ) -> None:
         self.settings = settings
         self.pipeline = build_pipeline(settings, models)
@@ -169,12 +171,16 @@ class Service:
             self.discovery = Discovery(
                 settings.discovery, settings.output, settings.conditions, self._send
             )
-        self.adapter = MqttAdapter(
-            settings.broker,
-            _filters(settings),
-            status_topic(settings.output.prefix),
-            self.enqueue,
-            max_queued=HELD_MESSAGES_LIMIT,
+        self.adapter: Transport = (
+            transport(self.enqueue)
+            if transport is not None
+            else MqttAdapter(
+                settings.broker,
+                _filters(settings),
+                status_topic(settings.output.prefix),
+                self.enqueue,
+                max_queued=HELD_MESSAGES_LIMIT,
+            )
         )
         self._worker = threading.Thread(
             target=self._work, name="sidecar-worker", daemon=True
