@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/hadolint docker/Dockerfile
 
 models: $(STAMP)
 	$(BIN)/anomaly-sidecar train --dataset ton_iot --data ../shared/data/ton_iot_telemetry --out models
