@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.detector import LoadedModels, load_cascade
@@ -16,6 +22,12 @@ from sidecar.topics import TopicRouter
 @pytest.fixture(scope="module")
 def models() -> LoadedModels:
     """The shipped models, loaded once."""
+    defaults = Settings()
+    return load_cascade(defaults.models, defaults.detection, defaults.window.length)
+
+
+@functools.cache
+def _shipped_models() -> LoadedModels:
     defaults = Settings()
     return load_cascade(defaults.models, defaults.detection, defaults.window.length)
 
@@ -97,3 +109,59 @@ def test_verdict_from_tuya_bridge_never_carries_the_local_key() -> None:
     assert "tuya/bf0123/***/***/dps" in document
     assert "0f1e2d3c4b5a6978" not in document
     assert "192.168.1.40" not in document
+
+
+class _FiniteInputs:
+    """Wraps a scorer and fails the test if a non-finite input reaches it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.rows = 0
+
+    def score(self, inputs: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        assert np.isfinite(inputs).all(), "non-finite model input"
+        self.rows += len(inputs)
+        result: npt.NDArray[np.float32] = self.inner.score(inputs)
+        return result
+
+
+_HOSTILE_PAYLOADS = st.one_of(
+    st.binary(max_size=512),
+    st.sampled_from(
+        [b"nan", b"-inf", b"1e999", b'{"t":NaN}', b'{"t":nan}', b"", b"unavailable"]
+    ),
+    st.floats(allow_nan=True, allow_infinity=True).map(lambda x: repr(x).encode()),
+    st.dictionaries(
+        st.text(max_size=8),
+        st.one_of(st.floats(), st.integers(-(10**30), 10**30), st.text(max_size=8)),
+        max_size=6,
+    ).map(lambda d: json.dumps(d).encode()),
+)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(tail=st.lists(_HOSTILE_PAYLOADS, min_size=1, max_size=80))
+def test_pipeline_hostile_payloads_never_raise_and_models_see_finite_inputs(
+    tail: list[bytes],
+) -> None:
+    """Test random payloads after a warm-up: no exception, only finite inputs."""
+    defaults = Settings()
+    models = _shipped_models()
+    pipeline = build_pipeline(defaults, models)
+    rf = _FiniteInputs(pipeline.cascade.rf)
+    cnn = _FiniteInputs(pipeline.cascade.cnn)
+    warmup = [Message("zigbee2mqtt/fuzz", _reading(i), float(i)) for i in range(140)]
+    hostile = [
+        Message("zigbee2mqtt/fuzz", payload, 140.0 + i)
+        for i, payload in enumerate(tail)
+    ]
+
+    pipeline.cascade.rf, pipeline.cascade.cnn = rf, cnn
+    try:
+        pipeline.process(warmup)
+        pipeline.process(hostile)
+    finally:
+        pipeline.cascade.rf, pipeline.cascade.cnn = rf.inner, cnn.inner
+
+    assert pipeline.counters.processed == 140 + len(tail)
+    assert rf.rows >= len(tail)
