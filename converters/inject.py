@@ -47,6 +47,7 @@ __all__ = [
     "INJECTORS",
     "INJECTOR_NAMES",
     "InjectorSpec",
+    "applicable",
     "applies",
     "inject",
     "interpolate",
@@ -446,8 +447,19 @@ INJECTOR_NAMES: tuple[str, ...] = tuple(INJECTORS)
 
 def applies(kind: str, stream: Sequence[LabeledMessage]) -> bool:
     """Return whether the injector `kind` has something to edit in the stream."""
-    needs = INJECTORS[kind].needs
-    return needs == "nothing" or bool(_eligible(_key_stats(stream), needs))
+    return kind in applicable(stream, (kind,))
+
+
+def applicable(
+    stream: Sequence[LabeledMessage], kinds: Sequence[str] = INJECTOR_NAMES
+) -> list[str]:
+    """Return the injectors among `kinds` that have something to edit in the stream."""
+    keys = _key_stats(stream)
+    return [
+        kind
+        for kind in kinds
+        if INJECTORS[kind].needs == "nothing" or _eligible(keys, INJECTORS[kind].needs)
+    ]
 
 
 def _spans(
