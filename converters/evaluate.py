@@ -446,7 +446,7 @@ def evaluate_dataset(
 def _nab_scores(
     evaluation: DatasetEvaluation, flags: npt.NDArray[np.bool_]
 ) -> dict[str, float]:
-    """The three normalised NAB scores of one detector's alarm onsets."""
+    """The three normalised NAB scores of a detector's alarm onsets, and their count."""
     data, windows = evaluation.data, evaluation.windows
     files = {
         device: NabFile(len(stream), tuple(data.windows.get(device, ())))
@@ -457,10 +457,16 @@ def _nab_scores(
         rows = np.flatnonzero(windows.devices == device)
         rows = rows[np.argsort(windows.seqs[rows], kind="stable")]
         detections[device] = alarm_onsets(windows.seqs[rows], flags[rows])
-    return {
+    scores: dict[str, float] = {
         REPORT_KEYS[name]: round(corpus_score(files, detections, profile), 2)
         for name, profile in PROFILES.items()
     }
+    # How many alarm onsets the NAB scorer saw, past each file's probation.
+    scores["nab_detections"] = sum(
+        sum(1 for row in rows if row >= files[device].probation)
+        for device, rows in detections.items()
+    )
+    return scores
 
 
 def dataset_metrics(evaluation: DatasetEvaluation) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,7 @@ import pytest
 
 from converters.tabular import TableError, check_routing, load_table, parse_time
 from sidecar.__main__ import main
-from sidecar.config import Settings
+from sidecar.config import ModelSettings, Settings
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -107,7 +107,7 @@ def test_parse_time_reads_iso_and_epochs() -> None:
 def test_evaluate_csv_end_to_end_writes_the_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Test `evaluate --dataset csv` on a small labeled file with the shipped models."""
+    """Test `evaluate --dataset csv --models DIR` on a small labeled file."""
     rows = ["time,device,temperature,label"]
     for i in range(400):
         fault = i >= 300
@@ -130,6 +130,8 @@ def test_evaluate_csv_end_to_end_writes_the_json(
             "--fit-share",
             "0.5",
             "--baselines",
+            "--models",
+            str(ModelSettings().directory),
             "--json",
             str(out),
         ]
@@ -138,6 +140,7 @@ def test_evaluate_csv_end_to_end_writes_the_json(
     assert code == 0
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["dataset"] == "csv"
+    assert report["models_directory"] == str(ModelSettings().directory)
     assert report["scored_windows"] == 200
     for name in ("hybrid", "rf", "cnn", "iforest", "hst", "zscore"):
         assert report[name]["windows"] == 200
