@@ -68,7 +68,8 @@ def test_plugin_publishes_verdicts_and_status_from_inside_the_broker(
     assert verdict["device"] == "inside_plug"
     assert verdict["state"] == "raised"
     statuses = [m.payload for m in retained if m.topic == "anomalies/_status"]
-    assert statuses == [b"online"]
+    # amqtt may hand over the retained status and a live copy of it.
+    assert set(statuses) == {b"online"}
     # Our own verdicts are broadcast by the broker, never fed back to us.
     assert not any(m.topic.startswith("anomalies/anomalies") for m in seen)
 
