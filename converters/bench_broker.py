@@ -45,10 +45,15 @@ PORT_POLL_S = 0.02
 # was full (QoS 0 to a slow client, QoS 1/2 past max_queued_messages).
 DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
 CONNECT_TIMEOUT_S = 5.0
-# Mosquitto publishes a `$SYS` value at its next SYS_INTERVAL_S tick, and
-# only if it changed: when none came for 1.5 intervals after a moment, the
-# value it last published is still current at that moment.
-UNCHANGED_AFTER_S = SYS_INTERVAL_S * 1.5
+# Mosquitto publishes a `$SYS` value at each SYS_INTERVAL_S tick only if it
+# changed, but its uptime changes every tick: once two uptimes arrived after
+# a moment, a whole tick has passed since, and the drop counter last
+# published is the one that stood at that moment (sys_tree.c, 2.0.11).
+UPTIME_TOPIC = "$SYS/broker/uptime"
+TICKS_AFTER = 2
+# Bounds the wait for those ticks on a busy machine; a broker without an
+# uptime topic costs this wait per read.
+TICKS_TIMEOUT_S = SYS_INTERVAL_S * 5.0
 # The retained value arrives within milliseconds of connecting; a broker
 # without one (amqtt) costs this wait once.
 FIRST_VALUE_S = SYS_INTERVAL_S * 2.0
@@ -163,7 +168,7 @@ class DroppedCounter:
 
     def __init__(self, host: str, port: int) -> None:
         self._value: int | None = None
-        self._updated_at = 0.0
+        self._ticks: list[float] = []
         self._changed = threading.Condition()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -185,13 +190,16 @@ class DroppedCounter:
     def read_after(self, moment: float) -> int | None:
         """The counter as it stood at `moment` (time.time()) or later.
 
-        Waits for a value published after `moment`, or for UNCHANGED_AFTER_S
-        past it without one. Returns None if the broker publishes no such
-        counter (amqtt, or a Mosquitto without `sys_interval`).
+        Waits until TICKS_AFTER `$SYS` ticks arrived after `moment`. Returns
+        None if the broker publishes no such counter (amqtt).
         """
-        timeout = max(0.0, moment + UNCHANGED_AFTER_S - time.time())
+
+        def ticked() -> bool:
+            return sum(tick > moment for tick in self._ticks) >= TICKS_AFTER
+
         with self._changed:
-            self._changed.wait_for(lambda: self._updated_at > moment, timeout)
+            if not self._changed.wait_for(ticked, TICKS_TIMEOUT_S):
+                _LOG.warning("no $SYS ticks from the broker; drop count may lag")
             return self._value
 
     def close(self) -> None:
@@ -207,16 +215,18 @@ class DroppedCounter:
         reason: Any,
         properties: Any,
     ) -> None:
-        client.subscribe(DROPPED_TOPIC, qos=0)
+        client.subscribe([(DROPPED_TOPIC, 0), (UPTIME_TOPIC, 0)])
 
     def _on_message(
         self, client: paho.Client, userdata: Any, message: paho.MQTTMessage
     ) -> None:
-        try:
-            value = int(message.payload)
-        except ValueError:
-            return
         with self._changed:
-            self._value = value
-            self._updated_at = time.time()
+            if message.topic == UPTIME_TOPIC:
+                # Only the latest few matter; keep the list short.
+                self._ticks = [*self._ticks[-TICKS_AFTER:], time.time()]
+            else:
+                try:
+                    self._value = int(message.payload)
+                except ValueError:
+                    _LOG.warning("drop counter not a number %r", message.payload)
             self._changed.notify_all()

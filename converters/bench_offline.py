@@ -107,8 +107,14 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _memory_probe(settings: Settings, devices: int, scored: bool, results: Any) -> None:
-    """The body of one probe process: fixed cost, then `devices` more devices."""
+def _memory_probe(
+    settings: Settings, fleets: list[int], scored: bool, results: Any
+) -> None:
+    """The body of one probe process: fixed cost, then each fleet size in turn.
+
+    The process grows from one fleet size to the next (100, then 9,900 more
+    for 10,000, ...), so the models load once per probe.
+    """
     models = load_cascade(settings.models, settings.detection, settings.window.length)
     pipeline = build_pipeline(settings, models)
     batch_size = settings.limits.batch_size
@@ -117,51 +123,63 @@ def _memory_probe(settings: Settings, devices: int, scored: bool, results: Any) 
     prewarm(pipeline, models, 1, batch_size)
     fixed = _rss()
     per_device = learning_messages(models) + SCORED_SPARE if scored else FLEET_READINGS
-    messages = _readings(devices, per_device, first=1)
-    started = time.perf_counter()
-    _feed(pipeline, messages, batch_size)
-    seconds = time.perf_counter() - started
-    del messages
-    resident = _rss()
-    results.put(
-        {
-            "devices": devices,
-            "readings_per_device": per_device,
-            "fixed_mb": fixed / BYTES_PER_MB,
-            "rss_mb": resident / BYTES_PER_MB,
-            "per_device_bytes": (resident - fixed) / devices,
-            "devices_tracked": pipeline.devices_tracked,
-            "feed_seconds": round(seconds, 2),
-        }
-    )
+    tracked = 0
+    probes = []
+    for devices in sorted(fleets):
+        messages = _readings(devices - tracked, per_device, first=1 + tracked)
+        started = time.perf_counter()
+        _feed(pipeline, messages, batch_size)
+        seconds = time.perf_counter() - started
+        del messages
+        tracked = devices
+        resident = _rss()
+        probes.append(
+            {
+                "devices": devices,
+                "readings_per_device": per_device,
+                "fixed_mb": fixed / BYTES_PER_MB,
+                "rss_mb": resident / BYTES_PER_MB,
+                "per_device_bytes": (resident - fixed) / devices,
+                "devices_tracked": pipeline.devices_tracked - 1,
+                "feed_seconds": round(seconds, 2),
+            }
+        )
+    results.put(probes)
 
 
-def measure_memory(settings: Settings, devices: int, scored: bool = False) -> Any:
-    """Resident memory of a fresh pipeline process tracking `devices` devices.
+def measure_memory(
+    settings: Settings, fleets: list[int], scored: bool = False
+) -> list[dict[str, Any]]:
+    """Resident memory of a fresh pipeline process tracking each fleet size.
 
     Args:
-        settings: The sidecar's settings; `max_devices` is raised to
-            `devices` so none is evicted.
-        devices: Devices fed beyond the one that warms the code paths.
+        settings: The sidecar's settings; `max_devices` is raised to the
+            largest fleet so no device is evicted.
+        fleets: Device counts, measured in one process as it grows.
         scored: Feed every device until it is scored (else FLEET_READINGS).
+
+    Returns:
+        One probe per fleet size, smallest first.
     """
+    largest = max(fleets) + 1
     limits = settings.limits.model_copy(
-        update={"max_devices": max(settings.limits.max_devices, devices + 1)}
+        update={"max_devices": max(settings.limits.max_devices, largest)}
     )
     settings = settings.model_copy(update={"limits": limits})
     context = multiprocessing.get_context("spawn")
     results: Any = context.Queue()
     process = context.Process(
         target=_memory_probe,
-        args=(settings, devices, scored, results),
+        args=(settings, fleets, scored, results),
         name="bench-memory",
         daemon=True,
     )
     process.start()
     try:
-        return results.get(timeout=PROBE_TIMEOUT_S)
+        probes: list[dict[str, Any]] = results.get(timeout=PROBE_TIMEOUT_S)
     finally:
         process.join(PROBE_TIMEOUT_S)
+    return probes
 
 
 def profile_worker(

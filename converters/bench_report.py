@@ -46,7 +46,11 @@ def _all_runs(report: dict[str, Any]) -> list[dict[str, Any]]:
 def targets(report: dict[str, Any]) -> dict[str, Any]:
     """Each target of the issue: its threshold, the measured value, met or not."""
     runs = _all_runs(report)
-    lost = sum(run["lost"] for run in runs) if runs else None
+    # A message that vanished makes `lost` positive. A negative `lost` is one
+    # counted twice: the broker's counter is global, so a copy of the
+    # sidecar's own output dropped right as it unsubscribes shows there.
+    lost = sum(max(run["lost"], 0) for run in runs) if runs else None
+    overcounted = sum(min(run["lost"], 0) for run in runs)
     unaccounted = [run for run in runs if run.get("accounted") is False]
     return {
         "throughput_vs_ceiling": _check(
@@ -73,6 +77,7 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
         "nothing_lost_silently": {
             "target": 0,
             "value": lost,
+            "overcounted": -overcounted,
             "met": None if lost is None else lost == 0 and not unaccounted,
         },
     }

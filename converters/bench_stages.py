@@ -25,6 +25,7 @@ from converters.bench_broker import DroppedCounter
 from converters.bench_load import LoadGenerators, LoadResult, LoadSpec, device_index
 from converters.bench_subscribers import (
     BareSubscriber,
+    CountingProcess,
     RiverPeer,
     VerdictListener,
     VerdictSeen,
@@ -48,7 +49,7 @@ Run = dict[str, Any]
 
 # A subscriber has caught up once nothing arrived for this long: Mosquitto
 # hands a connected client its queued messages back to back.
-QUIET_S = 0.5
+QUIET_S = 0.3
 # Bounds the wait for a slow subscriber to empty the broker's queue for it
 # (Mosquitto's max_queued_messages default is 1000; paho buffers more).
 SETTLE_TIMEOUT_S = 30.0
@@ -222,11 +223,15 @@ def run_peer(bench: Bench) -> Run:
 def _sidecar_settings(bench: Bench, max_devices: int, scores: bool) -> Settings:
     """The configured settings with a unique client id and room for the fleet.
 
-    The sidecar's own watch of the broker's drop counter is switched off when
-    it has one: the bench reads that counter itself, and without it every
-    message the sidecar receives is either load or its own output, so the
-    accounting is exact. With `scores`, every scored window is published
-    (output.publish_scores), for a latency per window.
+    Two defaults are switched off when the sidecar has them. Its own watch of
+    the broker's drop counter: the bench reads that counter itself, and
+    without it every message the sidecar receives is either load or its own
+    output, so the accounting is exact. Home Assistant discovery: it
+    publishes five retained configs per new device, which Mosquitto keeps
+    and hands every later subscriber on `#` (the next ceiling, peer and
+    sidecar runs) at once, so one run would flood the next. With `scores`,
+    every scored window is published (output.publish_scores), for a latency
+    per window.
     """
     settings = bench.settings
     update: dict[str, Any] = {
@@ -242,7 +247,19 @@ def _sidecar_settings(bench: Bench, max_devices: int, scores: bool) -> Settings:
     health = getattr(settings, "health", None)
     if health is not None and hasattr(health, "broker_dropped_topic"):
         update["health"] = health.model_copy(update={"broker_dropped_topic": ""})
+    discovery = getattr(settings, "discovery", None)
+    if discovery is not None and getattr(discovery, "enabled", False):
+        update["discovery"] = discovery.model_copy(update={"enabled": False})
     return settings.model_copy(update=update)
+
+
+def _output_filters(settings: Settings) -> list[str]:
+    """Filters covering everything the sidecar publishes."""
+    filters = [f"{settings.output.prefix}/#"]
+    discovery = getattr(settings, "discovery", None)
+    if discovery is not None and getattr(discovery, "enabled", False):
+        filters.append(f"{discovery.prefix}/#")
+    return filters
 
 
 class _RunningSidecar:
@@ -258,6 +275,13 @@ class _RunningSidecar:
     ) -> None:
         settings = _sidecar_settings(bench, max_devices, scores)
         self.service = Service(settings, bench.models)
+        # The sidecar's own output (verdicts, status, Home Assistant
+        # discovery) comes back to it through `#`; what the broker drops of
+        # those copies is in its drop counter too, so the accounting needs how
+        # many the sidecar published while subscribed.
+        self.outputs = CountingProcess(
+            bench.host, bench.port, _output_filters(settings)
+        )
         self.prewarmed = (
             bench_offline.prewarm(
                 self.service.pipeline,
@@ -273,8 +297,10 @@ class _RunningSidecar:
             self.service.stop(0.0)
             message = f"sidecar not subscribed to {bench.host}:{bench.port}"
             raise ConnectionError(message)
-        time.sleep(QUIET_S)
+        _wait_quiet(lambda: self.outputs.count)
         self.before = self.service.counters
+        self.outputs_before = self.outputs.count
+        self.outputs_at_stop = self.outputs_before
         self.stopped = False
 
     def load_received(self) -> int:
@@ -283,10 +309,17 @@ class _RunningSidecar:
         return counters["received"] - counters["own_output"]
 
     def stop(self) -> None:
-        """Stop once: drain for STOP_DRAIN_S, shed and count the rest."""
+        """Stop once: drain for STOP_DRAIN_S, shed and count the rest.
+
+        Output published from here on (the drain's verdicts, the offline
+        status) no longer reaches the sidecar, which unsubscribes first.
+        """
         if not self.stopped:
             self.stopped = True
+            _wait_quiet(lambda: self.outputs.count)
+            self.outputs_at_stop = self.outputs.count
             self.service.stop(STOP_DRAIN_S)
+            self.outputs.close()
 
     def summary(self) -> Run:
         """The sidecar's own counts for the load, from its counters."""
@@ -296,6 +329,7 @@ class _RunningSidecar:
             "processed": delta["processed"],
             "shed": delta["shed"],
             "own_output": delta["own_output"],
+            "own_output_published": self.outputs_at_stop - self.outputs_before,
             "queue_depth": after["queue_depth"],
             "worker_errors": delta["worker_errors"],
             "windows_scored": delta["windows_scored"],
@@ -312,6 +346,16 @@ class _RunningSidecar:
             + delta.get("broker_stats", 0)
             + delta["queue_depth"],
         }
+
+
+def _count_own_output(run: Run) -> None:
+    """Take the broker's drops of the sidecar's own output out of `lost`.
+
+    The broker delivered own_output_published copies to the sidecar (it
+    subscribes to `#`), of which it received own_output; the rest are in
+    broker_dropped.
+    """
+    run["lost"] += run["own_output_published"] - run["own_output"]
 
 
 def run_sidecar(bench: Bench, devices: int | None = None, prewarm: bool = True) -> Run:
@@ -336,6 +380,7 @@ def run_sidecar(bench: Bench, devices: int | None = None, prewarm: bool = True) 
     finally:
         sidecar.stop()
     run.update(sidecar.summary())
+    _count_own_output(run)
     run["devices"] = devices
     run["prewarmed_per_device"] = sidecar.prewarmed
     return run
@@ -371,6 +416,7 @@ def run_latency(bench: Bench, rate: float, scores: bool = False) -> Run:
         bench, results, dropped_before, sidecar.load_received() - received_before
     )
     run.update(sidecar.summary())
+    _count_own_output(run)
     run["rate"] = rate
     run["seconds"] = round(ended - started, 3)
     run.update(_latencies(listener, results, sidecar.prewarmed))

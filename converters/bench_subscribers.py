@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import threading
 import time
 import uuid
@@ -14,7 +15,13 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-__all__ = ["BareSubscriber", "RiverPeer", "VerdictListener", "VerdictSeen"]
+__all__ = [
+    "BareSubscriber",
+    "CountingProcess",
+    "RiverPeer",
+    "VerdictListener",
+    "VerdictSeen",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -26,6 +33,9 @@ SUBSCRIBER_INFLIGHT = 20
 # model for all devices: one per device costs about 1.1 MB (measured with
 # tracemalloc), which no fleet of thousands affords.
 RIVER_SEED = 42
+# How often a CountingProcess shares its count; the bench waits for counts
+# to stay unchanged for much longer (bench_stages.QUIET_S).
+COUNT_SHARE_S = 0.02
 # Where the sidecar publishes per-window scores (sidecar.service.SCORES_LEVEL).
 SCORES_LEVEL = "_scores"
 
@@ -36,11 +46,13 @@ class BareSubscriber:
     Args:
         host: The broker's address.
         port: The broker's port.
-        topic_filter: What to subscribe to.
+        topic_filter: What to subscribe to (one filter or several).
         qos: The subscription's maximum QoS.
     """
 
-    def __init__(self, host: str, port: int, topic_filter: str, qos: int) -> None:
+    def __init__(
+        self, host: str, port: int, topic_filter: str | list[str], qos: int
+    ) -> None:
         self.count = 0
         self._subscribed = threading.Event()
         self._filter = topic_filter
@@ -73,7 +85,8 @@ class BareSubscriber:
         reason: Any,
         properties: Any,
     ) -> None:
-        client.subscribe(self._filter, qos=self._qos)
+        filters = [self._filter] if isinstance(self._filter, str) else self._filter
+        client.subscribe([(topic_filter, self._qos) for topic_filter in filters])
 
     def _on_subscribe(
         self,
@@ -89,6 +102,60 @@ class BareSubscriber:
         self, client: paho.Client, userdata: Any, message: paho.MQTTMessage
     ) -> None:
         self.count += 1
+
+
+def _count_in_process(
+    host: str, port: int, filters: list[str], shared: Any, ready: Any, stop: Any
+) -> None:
+    """The body of a CountingProcess: subscribe, then publish the count."""
+    subscriber = BareSubscriber(host, port, filters, qos=0)
+    ready.set()
+    while not stop.wait(COUNT_SHARE_S):
+        shared.value = subscriber.count
+    shared.value = subscriber.count
+    subscriber.close()
+
+
+class CountingProcess:
+    """A BareSubscriber in a process of its own, so no other thread slows it.
+
+    In the bench's process it would compete for the GIL with the sidecar
+    under test, fall behind, and have the broker drop its messages.
+
+    Args:
+        host: The broker's address.
+        port: The broker's port.
+        filters: What to subscribe to (at QoS 0, the fastest delivery).
+    """
+
+    def __init__(self, host: str, port: int, filters: list[str]) -> None:
+        context = multiprocessing.get_context("forkserver")
+        self._shared: Any = context.Value("q", 0)
+        self._stop = context.Event()
+        ready = context.Event()
+        self._process = context.Process(
+            target=_count_in_process,
+            args=(host, port, filters, self._shared, ready, self._stop),
+            name="bench-counter",
+            daemon=True,
+        )
+        self._process.start()
+        if not ready.wait(SUBSCRIBE_TIMEOUT_S):
+            self.close()
+            message = f"counting subscriber not ready on {host}:{port}"
+            raise TimeoutError(message)
+
+    @property
+    def count(self) -> int:
+        """Messages received so far (at most COUNT_SHARE_S old)."""
+        return int(self._shared.value)
+
+    def close(self) -> None:
+        """Stop the process."""
+        self._stop.set()
+        self._process.join(SUBSCRIBE_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.kill()
 
 
 class RiverPeer(BareSubscriber):
