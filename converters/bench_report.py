@@ -127,15 +127,17 @@ def _latency_rows(report: dict[str, Any], key: str, label: str) -> list[str]:
     if latency is None:
         return []
     rate = _number(latency["rate"])
-    rows = [
-        _row(f"{label} ({rate} msg/s): publish to verdict {name}, ms", figure, 1)
-        for name, figure in latency["latency_ms"].items()
-    ]
-    rows += [
-        _row(f"{label}: sidecar receive to verdict {name}, ms", figure, 1)
-        for name, figure in latency["receive_to_verdict_ms"].items()
-        if name != "p50"
-    ]
+    rows = [f"| {label}: paced at {rate} msg/s | | | |"]
+    if latency["verdicts_seen"]["max"]:
+        rows += [
+            _row(f"{label}: publish to verdict {name}, ms", figure, 1)
+            for name, figure in latency["latency_ms"].items()
+        ]
+        rows += [
+            _row(f"{label}: sidecar receive to verdict {name}, ms", figure, 1)
+            for name, figure in latency["receive_to_verdict_ms"].items()
+            if name != "p50"
+        ]
     rows += [
         _row(f"{label}: publish to window score {name}, ms", figure, 1)
         for name, figure in latency["score_latency_ms"].items()

@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="write the full report here")
     bench.add_argument("--config", type=Path, help="the sidecar's YAML config")
     bench.add_argument("--runs", type=int, help="runs per figure (default 3)")
-    bench.add_argument("--seconds", type=float, help="load per run (default 4)")
+    bench.add_argument("--seconds", type=float, help="load per run (default 3)")
     bench.add_argument("--qos", type=int, choices=[0, 1], default=0)
     bench.add_argument("--workers", type=int, help="load processes (default 2)")
     bench.add_argument("--devices", type=int, help="devices (default 200)")
