@@ -9,8 +9,10 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.ton_iot import LabeledMessage
+from sidecar.config import Settings
 from sidecar.features import CNN_CHANNELS, FEATURE_NAMES, DeviceState, FeatureSpec
-from sidecar.payload import parse_payload
+from sidecar.pipeline import channel_readings
+from sidecar.topics import RouteKind, TopicRouter
 
 __all__ = ["WindowSet", "build_windows"]
 
@@ -53,11 +55,16 @@ def build_windows(
     streams: Mapping[str, Sequence[LabeledMessage]],
     spec: FeatureSpec,
     max_payload_bytes: int = 65536,
+    router: TopicRouter | None = None,
 ) -> WindowSet:
     """Replay each device's stream through a fresh `DeviceState`.
 
-    Windows inside the warm-up are not scored, as in the live sidecar.
+    Windows inside the warm-up are not scored, as in the live sidecar. Each
+    payload is read as the live pipeline reads it, under its topic's channel
+    (`router`: the default topic rules when None), so a device publishing on
+    several topics has the same keys offline as live.
     """
+    router = router or TopicRouter(Settings().topics, Settings().output.prefix)
     vectors: list[npt.NDArray[np.float32]] = []
     windows: list[npt.NDArray[np.float32]] = []
     labels: list[int] = []
@@ -69,7 +76,9 @@ def build_windows(
         state = DeviceState(spec)
         for seq, item in enumerate(messages):
             message = item.message
-            readings = parse_payload(message.payload, max_bytes=max_payload_bytes)
+            route = router.route(message.topic)
+            channel = route.channel if route.kind is RouteKind.TELEMETRY else ""
+            readings = channel_readings(message.payload, channel, max_payload_bytes)
             state.update(readings, len(message.payload), message.received_at)
             if not state.ready:
                 continue

@@ -122,6 +122,27 @@ def _or(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+def channel_readings(payload: bytes, channel: str, max_bytes: int) -> Readings:
+    """Parse a payload the way the pipeline does for a topic's channel.
+
+    A scalar payload is read under the channel's name; JSON keys are prefixed
+    with it, so a device publishing on several topics (Tasmota `STATE` and
+    `SENSOR`) keeps them apart. Training replays streams through this too.
+
+    >>> channel_readings(b'{"Power": 12}', "SENSOR", 65536).values
+    {'SENSOR.Power': 12.0}
+    """
+    readings = parse_payload(payload, key=channel or "value", max_bytes=max_bytes)
+    if channel and readings.kind is PayloadKind.JSON:
+        readings = Readings(
+            readings.kind,
+            {f"{channel}.{key}": value for key, value in readings.values.items()},
+            frozenset(f"{channel}.{key}" for key in readings.missing),
+            readings.dropped_keys,
+        )
+    return readings
+
+
 _PAYLOAD_COUNTERS = {
     PayloadKind.EMPTY: "empty",
     PayloadKind.TEXT: "text",
@@ -324,11 +345,8 @@ class Pipeline:
         return route.device, tracked
 
     def _parse(self, message: Message, route: Route) -> Readings:
-        channel = route.channel
-        readings = parse_payload(
-            message.payload,
-            key=channel or "value",
-            max_bytes=self.limits.max_payload_bytes,
+        readings = channel_readings(
+            message.payload, route.channel, self.limits.max_payload_bytes
         )
         counter = _PAYLOAD_COUNTERS.get(readings.kind)
         if counter is not None:
@@ -338,13 +356,6 @@ class Pipeline:
                 readings.kind.value,
                 route.public_topic or message.topic,
                 len(message.payload),
-            )
-        if channel and readings.kind is PayloadKind.JSON:
-            readings = Readings(
-                readings.kind,
-                {f"{channel}.{key}": value for key, value in readings.values.items()},
-                frozenset(f"{channel}.{key}" for key in readings.missing),
-                readings.dropped_keys,
             )
         return readings
 
