@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shutil
@@ -43,6 +44,20 @@ log_type error
 log_type warning
 """
 BROKER_FIXTURES = {"amqtt": "amqtt_broker", "mosquitto": "mosquitto_broker"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_levels() -> Iterator[None]:
+    """Undo log levels a command run in-process set (bench quiets `sidecar`).
+
+    Without this, a later test that expects DEBUG records from the sidecar
+    would depend on which tests ran before it.
+    """
+    names = ("", "sidecar")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def free_port(host: str = LOOPBACK_HOST) -> int:
