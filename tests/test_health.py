@@ -237,3 +237,43 @@ def test_two_sidecars_with_one_client_id_get_a_hint(
             time.sleep(0.2)
 
     assert "client_id=sidecar-shared" in caplog.text
+
+
+def test_frozen_and_unavailable_keys_publish_condition_verdicts(
+    start_mosquitto: StartMosquitto, models: LoadedModels
+) -> None:
+    """Test frozen and unavailable conditions end to end, with short limits."""
+    broker = start_mosquitto()
+    settings = _settings(
+        broker,
+        conditions={
+            "frozen": {"min_s": 1, "min_messages": 4, "min_distinct": 3},
+            "unavailable": {"after_s": 0.5},
+            "check_interval_s": 0.2,
+        },
+    )
+    with (
+        _running(settings, models),
+        MessageCollector(broker, "anomalies/hall/+") as verdicts,
+    ):
+        for value in (20.1, 20.4, 20.2, 20.6):
+            publish(broker, "zigbee2mqtt/hall", json.dumps({"temperature": value}))
+        for _ in range(8):
+            publish(broker, "zigbee2mqtt/hall", json.dumps({"temperature": 20.95}))
+            time.sleep(0.2)
+        publish(broker, "zigbee2mqtt/hall", b'{"temperature": null}')
+        received = verdicts.wait_for(
+            lambda seen: (
+                {m.topic for m in seen}
+                >= {"anomalies/hall/frozen", "anomalies/hall/unavailable"}
+            ),
+            timeout=HEALTH_TIMEOUT_S,
+        )
+
+    by_topic = {m.topic: json.loads(m.payload) for m in received}
+    frozen = by_topic["anomalies/hall/frozen"]
+    assert frozen["kind"] == "frozen"
+    assert frozen["keys"][0]["key"] == "temperature"
+    unavailable = by_topic["anomalies/hall/unavailable"]
+    assert unavailable["state"] == "raised"
+    assert unavailable["keys"][0]["key"] == "temperature"

@@ -280,3 +280,44 @@ def test_run_reloads_config_and_models_without_restart(
 
     assert code == 0, log.read_text()
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.broker
+def test_overrides_mute_one_device_end_to_end(
+    mosquitto_broker: BrokerAddress, tmp_path: Path
+) -> None:
+    """Test through Mosquitto: the muted device publishes nothing, the other does."""
+    broker = mosquitto_broker
+    settings = settings_from_mapping(
+        {
+            "broker": {
+                "host": broker.host,
+                "port": broker.port,
+                "client_id": f"sidecar-{uuid.uuid4().hex[:8]}",
+            },
+            "detection": ALWAYS_ALARM,
+            "overrides": [{"device": "muted_*", "mute": True}],
+            "feedback": {"state_file": str(tmp_path / "fb.json")},
+        }
+    )
+    models = load_cascade(settings.models, settings.detection, settings.window.length)
+    service = Service(settings, models)
+    service.start()
+    try:
+        assert service.adapter.subscribed.wait(CONNECT_TIMEOUT_S)
+        with MessageCollector(broker, "anomalies/+") as verdicts:
+            for message in _readings("zigbee2mqtt/muted_plug"):
+                publish(broker, message.topic, message.payload, qos=1)
+            for message in _readings("zigbee2mqtt/loud_plug"):
+                publish(broker, message.topic, message.payload, qos=1)
+            seen = verdicts.wait_for(
+                lambda seen: any(m.topic == "anomalies/loud_plug" for m in seen),
+                VERDICT_TIMEOUT_S,
+            )
+        counters = service.counters
+    finally:
+        service.stop()
+
+    topics = {m.topic for m in seen}
+    assert "anomalies/muted_plug" not in topics
+    assert counters["verdicts_muted"] == 1
