@@ -70,6 +70,7 @@ BROKER_REPLAY_RATE = 1000.0
 # After the replay, scores still in flight get this long to arrive.
 SCORE_SETTLE_S = 20.0
 CONNECT_TIMEOUT_S = 10.0
+SECONDS_PER_HOUR = 3600.0
 # Datasets whose protocol reports false-alarm and missed-alarm rates in %
 # (SKAB's leaderboard), and those scored by the NAB scorer.
 OUTLIER_RATE_DATASETS = frozenset({"skab"})
@@ -110,6 +111,17 @@ def _episodes(windows: WindowSet) -> list[npt.NDArray[np.int64]]:
     return episodes
 
 
+def _false_alarm_onsets(windows: WindowSet, flags: npt.NDArray[np.bool_]) -> int:
+    """Count flag onsets (a flagged window after an unflagged one) on normal windows."""
+    onsets = 0
+    for device in np.unique(windows.devices):
+        rows = np.flatnonzero(windows.devices == device)
+        rows = rows[np.argsort(windows.seqs[rows], kind="stable")]
+        previous = np.concatenate([[False], flags[rows][:-1]])
+        onsets += int(np.sum(flags[rows] & ~previous & (windows.labels[rows] == 0)))
+    return onsets
+
+
 def detector_metrics(
     windows: WindowSet,
     flags: npt.NDArray[np.bool_],
@@ -124,6 +136,7 @@ def detector_metrics(
         for kind in sorted(set(windows.attack_types[labels == 1].tolist()))
     }
     delays = []
+    type_delays: dict[str, list[float]] = {}
     detected = 0
     carried = 0
     episodes = _episodes(windows)
@@ -133,6 +146,14 @@ def detector_metrics(
             detected += 1
             carried += bool(flags[rows[0]])
             delays.append(float(windows.times[hits[0]] - windows.times[rows[0]]))
+            kind = str(windows.attack_types[rows[0]])
+            type_delays.setdefault(kind, []).append(delays[-1])
+    false_alarms = _false_alarm_onsets(windows, flags)
+    hours = (
+        float(windows.times.max() - windows.times.min()) / SECONDS_PER_HOUR
+        if len(windows)
+        else 0.0
+    )
     both_classes = len(np.unique(labels)) == 2
     return {
         "accuracy": round(float(accuracy_score(labels, flags)), 4),
@@ -145,6 +166,14 @@ def detector_metrics(
         else None,
         "per_type_recall": per_type,
         "median_delay_s": round(float(np.median(delays)), 2) if delays else None,
+        "per_type_median_delay_s": {
+            kind: round(float(np.median(values)), 2)
+            for kind, values in sorted(type_delays.items())
+        },
+        # Alarm onsets on a normal window, against the wall-clock span of the
+        # scored windows (all devices share one timeline in a live replay).
+        "false_alarms": false_alarms,
+        "false_alarms_per_hour": round(false_alarms / hours, 2) if hours else None,
         "episodes": len(episodes),
         "episodes_detected": detected,
         # Episodes whose first window was already flagged, usually because an

@@ -68,13 +68,15 @@ Known limits, in plain words:
 
 from __future__ import annotations
 
+import argparse
+import csv
 import hashlib
 import json
 import logging
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -84,7 +86,13 @@ import numpy.typing as npt
 from sklearn.ensemble import RandomForestClassifier
 
 from converters.dataset import WindowSet, build_windows
-from converters.inject import INJECTOR_NAMES, applicable, inject, interpolate
+from converters.inject import (
+    INJECTOR_NAMES,
+    INJECTORS,
+    applicable,
+    inject,
+    interpolate,
+)
 from converters.simulate import NORMAL_MESSAGES, simulate
 from converters.ton_iot import LabeledMessage, load_splits
 from converters.train import (
@@ -121,13 +129,16 @@ from sidecar.stream import Message
 from sidecar.topics import RouteKind, TopicRouter
 
 __all__ = [
+    "PROTOCOL_DATASETS",
     "SELF_SUPERVISED_SPEC",
     "TUNING_SHARE",
     "SelfSupervisedConfig",
     "TrainedPair",
+    "dataset_config",
     "injected_windows",
     "load_recording",
     "normal_streams",
+    "protocol_streams",
     "selfsup_command",
     "train_selfsup",
     "write_models",
@@ -162,6 +173,16 @@ MESSAGES_PER_EPISODE = 160
 # Normal variants report this many times as often, and as seldom, as the
 # device (see `_normal_variants`).
 NORMAL_RATE_FACTOR = 2
+# Benchmarks whose protocol names a learnable part (`protocol_streams`).
+PROTOCOL_DATASETS = frozenset({"skab", "nab", "mqttset"})
+# SKAB's normal-operation recording, apart from the labeled experiments.
+SKAB_ANOMALY_FREE = "anomaly-free/anomaly-free.csv"
+# Benchmarks exported by a logger at a steady rate (see `dataset_config`).
+VALUE_ONLY_DATASETS = frozenset({"skab", "nab"})
+VALUE_INJECTORS: tuple[str, ...] = tuple(
+    name for name in INJECTOR_NAMES if INJECTORS[name].needs != "nothing"
+)
+VALUE_ONLY_SPEC = replace(SELF_SUPERVISED_SPEC, disabled_groups=("timing", "size"))
 # Per-device calibration is off (see the module docstring).
 CALIBRATION = Calibration(windows=0)
 # Parts a seed is derived for, so training and tuning copies never coincide.
@@ -654,8 +675,10 @@ def normal_streams(
 
     `simulation` is the built-in simulation's normal part (seed 0, before any
     fault); `ton_iot` is the normal rows of TON_IoT's train split (labels used
-    only to leave attack rows out, never to train); otherwise `data` is a
-    JSON-lines recording (see `load_recording`).
+    only to leave attack rows out, never to train); `skab`, `nab` and
+    `mqttset` are the parts their evaluation protocols let a detector learn
+    from (see `protocol_streams`); otherwise `data` is a JSON-lines recording
+    (see `load_recording`).
 
     Raises:
         ValueError: If neither a dataset nor data is given.
@@ -678,6 +701,8 @@ def normal_streams(
             "dataset": "TON_IoT telemetry, train split, normal rows only",
             "folder": str(data),
         }
+    if dataset in PROTOCOL_DATASETS:
+        return protocol_streams(dataset, data)
     files = _recording_files(data)
     return load_recording(data), {
         "dataset": "recorded normal traffic (JSON lines)",
@@ -688,13 +713,103 @@ def normal_streams(
     }
 
 
+def _as_normal(stream: Sequence[LabeledMessage]) -> list[LabeledMessage]:
+    """The messages with their labels dropped: the learnable part is trusted."""
+    return [replace(item, label=0, attack_type="normal") for item in stream]
+
+
+def _skab_anomaly_free(folder: Path) -> dict[str, list[LabeledMessage]]:
+    """SKAB's anomaly-free recording as one more device, read like the others."""
+    from converters.skab import TOPIC_PREFIX as SKAB_PREFIX
+    from converters.tabular import parse_time, safe_device, to_message
+
+    path = folder / SKAB_ANOMALY_FREE
+    if not path.is_file():
+        _LOG.warning("skab anomaly-free file missing path=%s", path)
+        return {}
+    device = safe_device(SKAB_ANOMALY_FREE)
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=";")
+        channels = [name for name in reader.fieldnames or [] if name != "datetime"]
+        stream = [
+            to_message(
+                SKAB_PREFIX,
+                device,
+                parse_time(row["datetime"]),
+                {name: float(row[name]) for name in channels},
+                0,
+                "normal",
+            )
+            for row in reader
+        ]
+    return {device: stream}
+
+
+def protocol_streams(
+    dataset: str, data: Path
+) -> tuple[dict[str, list[LabeledMessage]], dict[str, Any]]:
+    """Normal traffic of a benchmark: only what its protocol lets a detector learn.
+
+    - `skab`: the first 400 rows of every labeled file (the leaderboard's
+      fit part), plus the separate anomaly-free recording, which SKAB's
+      SOURCE.md describes as normal operation and no protocol scores.
+    - `nab`: each series' probationary period, which NAB never scores.
+    - `mqttset`: the attack-free start of the legitimate timeline.
+
+    Labels inside those parts are dropped, never read: the learnable part is
+    trusted as normal, as a detector deployed on it would have to (SKAB's
+    `other/2` holds 296 fault rows there; they are learned as normal).
+
+    Raises:
+        ValueError: If the dataset is not one of `PROTOCOL_DATASETS`.
+    """
+    from converters.cli import load_dataset
+
+    if dataset not in PROTOCOL_DATASETS:
+        message = f"no protocol fit part for dataset {dataset!r}"
+        raise ValueError(message)
+    loaded = load_dataset(dataset, data, argparse.Namespace())
+    streams = {
+        device: _as_normal(stream)
+        for device, stream in loaded.fit_streams.items()
+        if stream
+    }
+    parts = ["the fit part of its evaluation protocol"]
+    if dataset == "skab":
+        streams.update(_skab_anomaly_free(data))
+        parts.append(f"the anomaly-free recording {SKAB_ANOMALY_FREE}")
+    return streams, {
+        "dataset": f"{dataset}: {' and '.join(parts)}, labels dropped",
+        "folder": str(data),
+        "protocol_of_evaluation": loaded.protocol,
+        "messages": sum(len(stream) for stream in streams.values()),
+    }
+
+
+def dataset_config(dataset: str | None, seed: int) -> SelfSupervisedConfig:
+    """The injectors and feature groups a self-supervised run on `dataset` uses.
+
+    SKAB and NAB are logger exports sampled at a steady rate: what they label
+    are faults of the measured process, and their message timing and payload
+    sizes describe the export, not the device. Their runs inject value faults
+    only and read neither timing nor size. Every other source is traffic as a
+    broker carries it, where floods, dropouts and malformed payloads are the
+    faults, so every injector and every group is used.
+    """
+    if dataset in VALUE_ONLY_DATASETS:
+        return SelfSupervisedConfig(
+            spec=VALUE_ONLY_SPEC, injectors=VALUE_INJECTORS, seed=seed
+        )
+    return SelfSupervisedConfig(seed=seed)
+
+
 def selfsup_command(
     dataset: str | None, data: Path | None, out: Path, seed: int
 ) -> int:
     """Train, tune and export a self-supervised pair; return the exit code."""
     started = time.monotonic()
     streams, source = normal_streams(dataset, data)
-    config = SelfSupervisedConfig(seed=seed)
+    config = dataset_config(dataset, seed)
     trained = train_selfsup(streams, config)
     write_models(trained, out, source)
     _LOG.info(

@@ -4,6 +4,12 @@ One command rebuilds the shipped pair:
 
     anomaly-sidecar train --dataset ton_iot --data ../shared/data/ton_iot_telemetry
 
+With `--leave-out TYPE` (repeatable) every message of those attack types is
+removed from the train and validation streams before windows are built, so
+neither the models nor their thresholds ever see that type; scoring the test
+split then measures how the pair copes with an attack it was not trained on
+(its `per_type_recall`). Such a pair is for measurement, not for shipping.
+
 Steps: load the leak-free splits (converters.ton_iot), turn each split into
 windows through the live feature code, train the RandomForest and the CNN on
 the train split, export both to ONNX with parity checks, tune every
@@ -19,7 +25,7 @@ import importlib.metadata
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converters.dataset import WindowSet, build_windows
-from converters.ton_iot import FILE_GLOB, load_splits
+from converters.ton_iot import FILE_GLOB, LabeledMessage, load_splits
 from converters.train_cnn import (
     CNN_INPUT,
     CNN_OUTPUT,
@@ -49,6 +55,7 @@ __all__ = [
     "TON_IOT_SPEC",
     "LifecycleChoice",
     "best_threshold",
+    "leave_out_types",
     "simulate_lifecycle",
     "train_command",
     "tune_cascade",
@@ -248,11 +255,44 @@ def _write_card(path: Path, card: dict[str, Any]) -> None:
     _LOG.info("model card written path=%s", path)
 
 
-def train_command(data: Path, out: Path, seed: int) -> int:
-    """Train, tune, export and document both models; return the exit code."""
+def leave_out_types(
+    streams: Mapping[str, Sequence[LabeledMessage]], types: Sequence[str]
+) -> dict[str, list[LabeledMessage]]:
+    """Drop every message of the given attack types from each stream.
+
+    >>> from sidecar.stream import Message
+    >>> kept = leave_out_types(
+    ...     {"d": [LabeledMessage("d", Message("t", b"1", 0.0), 1, "xss")]}, ["xss"]
+    ... )
+    >>> kept
+    {'d': []}
+    """
+    left_out = set(types)
+    return {
+        device: [item for item in stream if item.attack_type not in left_out]
+        for device, stream in streams.items()
+    }
+
+
+def train_command(
+    data: Path, out: Path, seed: int, leave_out: Sequence[str] = ()
+) -> int:
+    """Train, tune, export and document both models; return the exit code.
+
+    Args:
+        data: The TON_IoT folder.
+        out: Where the models and their cards are written.
+        seed: Seeds both models.
+        leave_out: Attack types removed from train and validation (see the
+            module docstring); empty for the shipped pair.
+    """
     spec = TON_IOT_SPEC
     started = time.monotonic()
     splits = load_splits(data)
+    for name in ("train", "validation"):
+        splits[name] = leave_out_types(splits[name], leave_out)
+    if leave_out:
+        _LOG.info("attack types left out types=%s", ",".join(sorted(leave_out)))
     train = build_windows(splits["train"], spec)
     validation = build_windows(splits["validation"], spec)
     _LOG.info(
@@ -312,6 +352,7 @@ def train_command(data: Path, out: Path, seed: int) -> int:
                 "cut in time order 60/20/20 into train/validation/test; models fit "
                 "on train; thresholds and lifecycle tuned on validation; test unread"
             ),
+            "left_out_attack_types": sorted(leave_out),
             "train": _split_summary(train),
             "validation": _split_summary(validation),
         },

@@ -105,9 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train and export both models")
     train.add_argument(
         "--dataset",
-        choices=["ton_iot", "simulation"],
+        choices=["ton_iot", "simulation", "skab", "nab", "mqttset"],
         help="labeled dataset (supervised: ton_iot); with --self-supervised, "
-        "simulation or ton_iot (its normal train rows) as normal traffic",
+        "simulation, ton_iot (its normal train rows), or skab, nab, mqttset "
+        "(the part each one's evaluation protocol lets a detector learn from)",
     )
     train.add_argument(
         "--data",
@@ -122,6 +123,14 @@ def _parser() -> argparse.ArgumentParser:
         "with --self-supervised, so the shipped models are not replaced)",
     )
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--leave-out",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="supervised ton_iot: drop this attack type from train and "
+        "validation (repeatable), to measure recall on an unseen type",
+    )
     train.add_argument(
         "--self-supervised",
         action="store_true",
@@ -326,18 +335,23 @@ def _train(args: argparse.Namespace) -> int:
     from converters.train import train_command
 
     _settings(None)
-    return train_command(args.data, args.out or Path("models"), args.seed)
+    return train_command(
+        args.data, args.out or Path("models"), args.seed, args.leave_out
+    )
 
 
 def _train_self_supervised(args: argparse.Namespace) -> int:
-    from converters.selfsup import selfsup_command
+    from converters.cli import DATA_FOLDERS
+    from converters.selfsup import PROTOCOL_DATASETS, selfsup_command
 
     if args.out is None or (args.dataset is None and args.data is None):
         sys.stderr.write(
             "anomaly-sidecar train --self-supervised: needs --out and either "
-            "--data RECORDING or --dataset simulation|ton_iot\n"
+            "--data RECORDING or --dataset simulation|ton_iot|skab|nab|mqttset\n"
         )
         return EXIT_CONFIG
+    if args.data is None and args.dataset in PROTOCOL_DATASETS:
+        args.data = DEFAULT_DATA / DATA_FOLDERS[args.dataset]
     _settings(None)
     try:
         return selfsup_command(args.dataset, args.data, args.out, args.seed)

@@ -16,9 +16,11 @@ from converters.selfsup import (
     SELF_SUPERVISED_SPEC,
     SelfSupervisedConfig,
     TrainedPair,
+    dataset_config,
     injected_windows,
     load_recording,
     normal_streams,
+    protocol_streams,
     train_selfsup,
     write_models,
 )
@@ -194,3 +196,58 @@ def test_train_command_supervised_still_needs_ton_iot(
     code = main(["train", "--dataset", "simulation", "--out", "out/never"])
     assert code == 2
     assert "--dataset ton_iot" in capsys.readouterr().err
+
+
+def _skab_file(path: Path, rows: int, fault_from: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["datetime;Current;Pressure;anomaly;changepoint"]
+    for i in range(rows):
+        minute, second = divmod(i, 60)
+        label = float(i >= fault_from)
+        lines.append(f"2020-03-09 10:{minute:02d}:{second:02d};1.{i % 7};0.3;{label};0")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_protocol_streams_learn_skab_only_from_fit_rows_and_anomaly_free(
+    tmp_path: Path,
+) -> None:
+    """Test that SKAB normal traffic is each file's first 400 rows plus anomaly-free.
+
+    The fit part's own labels are dropped, not used: a fault inside it (as
+    in SKAB's other/2) is learned as normal, never as a positive example.
+    """
+    _skab_file(tmp_path / "valve1" / "0.csv", 600, fault_from=500)
+    _skab_file(tmp_path / "other" / "2.csv", 450, fault_from=100)
+    free = tmp_path / "anomaly-free" / "anomaly-free.csv"
+    free.parent.mkdir()
+    free.write_text(
+        "datetime;Current;Pressure\n2020-02-08 10:00:00;1.0;0.3\n"
+        "2020-02-08 10:00:01;1.1;0.3\n",
+        encoding="utf-8",
+    )
+
+    streams, source = protocol_streams("skab", tmp_path)
+
+    assert {device: len(s) for device, s in streams.items()} == {
+        "valve1.0": 400,
+        "other.2": 400,
+        "anomaly-free.anomaly-free": 2,
+    }
+    assert all(item.label == 0 for s in streams.values() for item in s)
+    assert "anomaly-free" in source["dataset"]
+
+
+def test_dataset_config_reads_values_only_on_logger_exports() -> None:
+    """Test that SKAB and NAB train on value faults without timing or size groups.
+
+    Broker traffic (MQTTset, recordings) keeps every injector and group: its
+    floods and malformed payloads are faults of timing and size.
+    """
+    for dataset in ("skab", "nab"):
+        config = dataset_config(dataset, seed=3)
+        assert set(config.spec.disabled_groups) == {"timing", "size"}
+        assert "flood" not in config.injectors
+        assert "level_shift" in config.injectors
+        assert config.seed == 3
+    assert dataset_config("mqttset", seed=0).injectors == INJECTOR_NAMES
+    assert dataset_config(None, seed=0).spec == SELF_SUPERVISED_SPEC
