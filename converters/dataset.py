@@ -10,11 +10,22 @@ import numpy.typing as npt
 
 from converters.ton_iot import LabeledMessage
 from sidecar.config import Settings
-from sidecar.features import CNN_CHANNELS, FEATURE_NAMES, DeviceState, FeatureSpec
+from sidecar.features import (
+    CNN_CHANNELS,
+    FEATURE_NAMES,
+    DeviceState,
+    FeatureSpec,
+    WindowSnapshot,
+    batch_features,
+)
 from sidecar.pipeline import channel_readings
 from sidecar.topics import RouteKind, TopicRouter
 
 __all__ = ["WindowSet", "build_windows"]
+
+# Windows computed per `batch_features` call: as many as the live pipeline's
+# largest batches, while the snapshots waiting stay a few megabytes.
+FEATURE_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,7 @@ def build_windows(
     router = router or TopicRouter(Settings().topics, Settings().output.prefix)
     vectors: list[npt.NDArray[np.float32]] = []
     windows: list[npt.NDArray[np.float32]] = []
+    snapshots: list[WindowSnapshot] = []
     labels: list[int] = []
     attack_types: list[str] = []
     devices: list[str] = []
@@ -82,21 +94,39 @@ def build_windows(
             state.update(readings, len(message.payload), message.received_at)
             if not state.ready:
                 continue
-            features = state.features()
-            vectors.append(features.vector)
-            windows.append(features.window)
+            snapshots.append(state.snapshot())
+            if len(snapshots) == FEATURE_BATCH:
+                _compute(snapshots, vectors, windows)
             labels.append(item.label)
             attack_types.append(item.attack_type)
             devices.append(device)
             times.append(message.received_at)
             seqs.append(seq)
+    _compute(snapshots, vectors, windows)
     n_channels, length = len(CNN_CHANNELS), spec.window
     return WindowSet(
-        vectors=np.array(vectors, dtype=np.float32).reshape(-1, len(FEATURE_NAMES)),
-        windows=np.array(windows, dtype=np.float32).reshape(-1, n_channels, length),
+        vectors=np.concatenate(
+            [np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32), *vectors]
+        ),
+        windows=np.concatenate(
+            [np.zeros((0, n_channels, length), dtype=np.float32), *windows]
+        ),
         labels=np.array(labels, dtype=np.int64),
         attack_types=np.array(attack_types, dtype=np.str_),
         devices=np.array(devices, dtype=np.str_),
         times=np.array(times, dtype=np.float64),
         seqs=np.array(seqs, dtype=np.int64),
     )
+
+
+def _compute(
+    snapshots: list[WindowSnapshot],
+    vectors: list[npt.NDArray[np.float32]],
+    windows: list[npt.NDArray[np.float32]],
+) -> None:
+    """Turn the waiting snapshots into features, appended in order; clear them."""
+    if snapshots:
+        batch_vectors, batch_windows = batch_features(snapshots)
+        vectors.append(batch_vectors)
+        windows.append(batch_windows)
+        snapshots.clear()

@@ -31,6 +31,7 @@ Known limits, in plain words:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ __all__ = [
     "FeatureSpec",
     "KeyDeviation",
     "WindowFeatures",
+    "WindowSnapshot",
+    "batch_features",
 ]
 
 FloatArray = npt.NDArray[np.float32]
@@ -120,6 +123,12 @@ CNN_CHANNEL_GROUPS: dict[str, str] = {
     "size_z": "size",
 }
 _CNN_VALUE_CHANNELS = 4
+# Columns of a snapshot's key table: the learned statistics features read.
+_TABLE_COLUMNS = ("n", "mean", "m2", "lo", "hi", "change_rate", "step_mean")
+_N, _MEAN, _M2, _LO, _HI, _CHANGE_RATE, _STEP_MEAN = range(len(_TABLE_COLUMNS))
+# Shape features of a key with fewer than two readings in its window: one
+# distinct reading, no correlation, no steps, one run covering it all.
+_SHORT_WINDOW_SHAPE = (1.0, 0.0, 0.0, 1.0)
 
 # Bounds that keep every model input finite and on a comparable scale. 50
 # spreads is far beyond anything normal; the CNN sees a tighter clip because
@@ -236,6 +245,43 @@ class WindowFeatures:
 
     vector: FloatArray
     window: FloatArray
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSnapshot:
+    """One device's window and baseline, frozen when its message arrived.
+
+    A batch can hold several messages of one device; each is scored on the
+    window that ended with it, so the window is copied, not referenced.
+    Arrays are the device's ring buffers as stored: row `start` is the oldest.
+
+    Attributes:
+        spec: The device's feature spec.
+        start: Ring position of the oldest row.
+        values: Readings per row and key, NaN where a key has none yet.
+        missing: Where a key reported a failed reading.
+        times: Receive time per row, seconds.
+        sizes: Payload size per row, bytes.
+        bad: Where the payload was unusable.
+        key_table: Per key the learned statistics, columns `_TABLE_COLUMNS`.
+        gap_mean: Learned mean of log message gaps.
+        gap_spread: Learned spread of log message gaps.
+        size_mean: Learned mean payload size.
+        size_spread: Learned spread of payload sizes.
+    """
+
+    spec: FeatureSpec
+    start: int
+    values: npt.NDArray[np.float64]
+    missing: npt.NDArray[np.bool_]
+    times: npt.NDArray[np.float64]
+    sizes: npt.NDArray[np.float64]
+    bad: npt.NDArray[np.bool_]
+    key_table: npt.NDArray[np.float64]
+    gap_mean: float
+    gap_spread: float
+    size_mean: float
+    size_spread: float
 
 
 class _Stats:
@@ -420,133 +466,43 @@ class DeviceState:
         log_gap = math.log(max(gap, MIN_GAP_S))
         return abs(log_gap - self._gap.mean) <= limit * self._gap.spread()
 
-    def _ordered(self) -> tuple[npt.NDArray[np.float64], ...]:
-        order = (np.arange(self.spec.window) + self._pos) % self.spec.window
-        return (
-            self._values[order],
-            self._missing[order].astype(np.float64),
-            self._times[order],
-            self._sizes[order],
-            self._bad[order].astype(np.float64),
+    def snapshot(self) -> WindowSnapshot:
+        """Capture the window and baseline as they stand, for `batch_features`."""
+        baselines = self._key_baselines
+        table = np.array(
+            [
+                (
+                    b.stats.n,
+                    b.stats.mean,
+                    b.stats.m2,
+                    b.stats.lo,
+                    b.stats.hi,
+                    b.change_rate,
+                    b.steps.mean,
+                )
+                for b in baselines
+            ],
+            dtype=np.float64,
+        ).reshape(len(baselines), len(_TABLE_COLUMNS))
+        return WindowSnapshot(
+            spec=self.spec,
+            start=self._pos,
+            values=self._values.copy(),
+            missing=self._missing.copy(),
+            times=self._times.copy(),
+            sizes=self._sizes.copy(),
+            bad=self._bad.copy(),
+            key_table=table,
+            gap_mean=self._gap.mean,
+            gap_spread=self._gap.spread(),
+            size_mean=self._size.mean,
+            size_spread=self._size.spread(),
         )
 
     def features(self) -> WindowFeatures:
         """Compute both models' inputs for the window as it stands now."""
-        spec = self.spec
-        values, missing, times, sizes, bad = self._ordered()
-        learned = np.array([b.stats.n >= 2 for b in self._key_baselines], dtype=bool)
-        present = learned & ~np.all(np.isnan(values), axis=0)
-        per_key = self._per_key_features(
-            values[:, present], missing[:, present], present
-        )
-
-        vector = np.zeros(len(FEATURE_NAMES), dtype=np.float64)
-        n_key = len(_KEY_FEATURES)
-        if per_key.shape[0]:
-            vector[:n_key] = per_key.max(axis=0)
-            vector[n_key : 2 * n_key] = per_key.mean(axis=0)
-        vector[2 * n_key] = bad.mean()
-        reporting = ~np.isnan(values[-1])
-        vector[2 * n_key + 1] = (
-            float(np.mean(~learned[reporting])) if reporting.any() else 0.0
-        )
-
-        gap_z = self._gap_z(times)
-        size_z = (sizes - self._size.mean) / self._size.spread()
-        base = 2 * n_key + 2
-        vector[base] = gap_z[-1]
-        vector[base + 1] = gap_z[1:].mean()
-        mean_gap = max(float(np.mean(np.diff(times))), MIN_GAP_S)
-        vector[base + 2] = self._gap.mean - math.log(mean_gap)
-        vector[base + 3] = size_z[-1]
-        vector[base + 4] = size_z.mean()
-        vector = np.clip(np.nan_to_num(vector), -FEATURE_CLIP, FEATURE_CLIP)
-
-        window = np.zeros((len(CNN_CHANNELS), spec.window), dtype=np.float64)
-        if present.any():
-            z = _window_standardised(values[:, present])
-            strongest = np.argsort(-np.abs(z).max(axis=0), kind="stable")
-            top = strongest[:_CNN_VALUE_CHANNELS]
-            window[: len(top)] = z[:, top].T
-        window[4] = missing.any(axis=1) if missing.shape[1] else 0.0
-        window[5] = bad
-        window[6] = gap_z
-        window[7] = size_z
-        window = np.clip(np.nan_to_num(window), -CNN_CLIP, CNN_CLIP)
-
-        return WindowFeatures(
-            (vector * spec.feature_mask()).astype(np.float32),
-            (window * spec.channel_mask()[:, None]).astype(np.float32),
-        )
-
-    def _gap_z(self, times: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        gaps = np.diff(times, prepend=times[0])
-        log_gaps = np.log(np.maximum(gaps, MIN_GAP_S))
-        z = (log_gaps - self._gap.mean) / self._gap.spread()
-        z[0] = 0.0
-        return z
-
-    def _per_key_features(
-        self,
-        values: npt.NDArray[np.float64],
-        missing: npt.NDArray[np.float64],
-        present: npt.NDArray[np.bool_],
-    ) -> npt.NDArray[np.float64]:
-        baselines = [
-            b for b, keep in zip(self._key_baselines, present, strict=True) if keep
-        ]
-        if not baselines:
-            return np.zeros((0, len(_KEY_FEATURES)))
-        means = np.array([b.stats.mean for b in baselines])
-        spreads = np.array([b.stats.spread() for b in baselines])
-        lows = np.array([b.stats.lo for b in baselines])
-        highs = np.array([b.stats.hi for b in baselines])
-        change_rates = np.array([b.change_rate for b in baselines])
-        step_means = np.array([b.steps.mean for b in baselines])
-
-        z = (values - means) / spreads
-        abs_z = np.abs(z)
-        observed = ~np.isnan(values)
-        counts = np.maximum(observed.sum(axis=0), 1)
-        last = np.nan_to_num(abs_z[-1])
-        mean_z = np.abs(np.nansum(np.where(observed, z, 0.0), axis=0) / counts)
-        max_z = np.nanmax(np.where(observed, abs_z, 0.0), axis=0)
-        window_spread = np.sqrt(
-            np.nansum(
-                np.where(observed, (values - np.nanmean(values, axis=0)) ** 2, 0.0),
-                axis=0,
-            )
-            / counts
-        )
-        spread_ratio = np.log((window_spread + spreads) / (2.0 * spreads))
-        margin = RANGE_MARGIN * (highs - lows) + spreads
-        outside = observed & ((values < lows - margin) | (values > highs + margin))
-        out_of_range = outside.sum(axis=0) / counts
-        steps = observed[1:] & observed[:-1]
-        changed = steps & (values[1:] != values[:-1])
-        change_share = changed.sum(axis=0) / np.maximum(steps.sum(axis=0), 1)
-        jump = np.nan_to_num(np.abs(values[-1] - values[-2]) / spreads)
-        step_sizes = np.where(steps, np.abs(values[1:] - values[:-1]), 0.0)
-        mean_step = step_sizes.sum(axis=0) / np.maximum(steps.sum(axis=0), 1)
-        step_ratio = np.log((mean_step + spreads) / (step_means + spreads))
-        shape = np.array([_window_shape(values[:, k]) for k in range(values.shape[1])])
-
-        base = np.stack(
-            [
-                last,
-                mean_z,
-                max_z,
-                spread_ratio,
-                out_of_range,
-                change_share - change_rates,
-                missing.mean(axis=0),
-                jump,
-                step_ratio,
-                change_share,
-            ],
-            axis=1,
-        )
-        return np.hstack([base, shape])
+        vectors, windows = batch_features([self.snapshot()])
+        return WindowFeatures(vectors[0], windows[0])
 
     def deviations(self, limit: int = 3) -> list[KeyDeviation]:
         """Return the keys whose latest readings stray furthest from baseline."""
@@ -571,35 +527,364 @@ class DeviceState:
         return latest_gap, math.exp(self._gap.mean) if self._gap.n else math.nan
 
 
-def _window_shape(column: npt.NDArray[np.float64]) -> tuple[float, float, float, float]:
-    """Distinct share, lag-1 autocorrelation, step-to-range and longest run."""
-    observed = column[~np.isnan(column)]
-    count = len(observed)
-    if count < 2:
-        return (1.0, 0.0, 0.0, 1.0)
-    distinct = len(np.unique(observed)) / count
-    value_range = float(observed.max() - observed.min())
-    steps = np.abs(np.diff(observed))
-    step_to_range = float(steps.mean()) / value_range if value_range > 0 else 0.0
-    centred = observed - observed.mean()
-    energy = float(centred @ centred)
-    autocorrelation = float(centred[1:] @ centred[:-1]) / energy if energy > 0 else 1.0
-    run = longest = 1
-    for step in steps:
-        run = run + 1 if step == 0 else 1
-        longest = max(longest, run)
-    return (distinct, autocorrelation, step_to_range, longest / count)
+def batch_features(
+    snapshots: Sequence[WindowSnapshot],
+) -> tuple[FloatArray, FloatArray]:
+    """Compute both models' inputs for many windows in one set of array passes.
+
+    Every window of a batch is computed at once, keys of all devices side by
+    side, so the cost per window falls with the batch. Row i of each output
+    is what `DeviceState.features` gives for the state `snapshots[i]` saw.
+
+    Returns:
+        RandomForest vectors, shape (n, len(FEATURE_NAMES)), and CNN windows,
+        shape (n, len(CNN_CHANNELS), spec.window), both float32.
+
+    Raises:
+        ValueError: If the snapshots were taken under different specs.
+    """
+    spec = snapshots[0].spec if snapshots else FeatureSpec()
+    if any(snapshot.spec != spec for snapshot in snapshots):
+        message = f"batch_features needs one spec for the whole batch; got {spec}"
+        raise ValueError(message)
+    count = len(snapshots)
+    length = spec.window
+    if not count:
+        return (
+            np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32),
+            np.zeros((0, len(CNN_CHANNELS), length), dtype=np.float32),
+        )
+
+    # Ring buffers to time order: row `start` of each buffer is the oldest.
+    starts = np.array([snapshot.start for snapshot in snapshots])
+    order = (np.arange(length) + starts[:, None]) % length
+    times = _in_order([snapshot.times for snapshot in snapshots], order)
+    sizes = _in_order([snapshot.sizes for snapshot in snapshots], order)
+    bad = _in_order([snapshot.bad for snapshot in snapshots], order).astype(np.float64)
+    keys = _KeyColumns.gather(snapshots, order)
+
+    vector = np.zeros((count, len(FEATURE_NAMES)))
+    n_key = len(_KEY_FEATURES)
+    scored = np.flatnonzero(keys.per_device)
+    if len(scored):
+        per_key = _per_key_features(keys.values, keys.missing, keys.table)
+        first = keys.first[scored]
+        vector[scored, :n_key] = np.maximum.reduceat(per_key, first, axis=0)
+        key_sums = np.add.reduceat(per_key, first, axis=0)
+        vector[scored, n_key : 2 * n_key] = key_sums / keys.per_device[scored, None]
+    vector[:, 2 * n_key] = bad.mean(axis=1)
+    vector[:, 2 * n_key + 1] = keys.new_key_share
+
+    gap_mean = np.array([snapshot.gap_mean for snapshot in snapshots])
+    gap_spread = np.array([snapshot.gap_spread for snapshot in snapshots])
+    size_mean = np.array([snapshot.size_mean for snapshot in snapshots])
+    size_spread = np.array([snapshot.size_spread for snapshot in snapshots])
+    gap_z = _gap_z(times, gap_mean, gap_spread)
+    size_z = (sizes - size_mean[:, None]) / size_spread[:, None]
+    base = 2 * n_key + 2
+    vector[:, base] = gap_z[:, -1]
+    vector[:, base + 1] = gap_z[:, 1:].mean(axis=1)
+    mean_gap = np.maximum(np.diff(times, axis=1).mean(axis=1), MIN_GAP_S)
+    vector[:, base + 2] = gap_mean - np.log(mean_gap)
+    vector[:, base + 3] = size_z[:, -1]
+    vector[:, base + 4] = size_z.mean(axis=1)
+    vector = np.clip(np.nan_to_num(vector), -FEATURE_CLIP, FEATURE_CLIP)
+
+    window = np.zeros((count, len(CNN_CHANNELS), length))
+    if len(scored):
+        _place_strongest_keys(window, keys)
+        any_missing = np.add.reduceat(keys.missing, keys.first[scored], axis=1)
+        window[scored, 4] = (any_missing > 0).T
+    window[:, 5] = bad
+    window[:, 6] = gap_z
+    window[:, 7] = size_z
+    window = np.clip(np.nan_to_num(window), -CNN_CLIP, CNN_CLIP)
+
+    return (
+        (vector * spec.feature_mask()).astype(np.float32),
+        (window * spec.channel_mask()[:, None]).astype(np.float32),
+    )
 
 
-def _window_standardised(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Centre each key on the window's median and scale by the window's spread.
+def _in_order(
+    rings: Sequence[npt.NDArray[Any]], order: npt.NDArray[np.intp]
+) -> npt.NDArray[Any]:
+    """Stack one ring buffer per window and put each in time order."""
+    stacked: npt.NDArray[Any] = np.take_along_axis(np.array(rings), order, axis=1)
+    return stacked
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyColumns:
+    """The keys of a batch side by side: one column per key features read.
+
+    Only keys that are learned and reported in their window (`present`) get
+    a column; a device's columns are contiguous, in the device's key order.
+    """
+
+    values: npt.NDArray[np.float64]  # (window, keys), time order
+    missing: npt.NDArray[np.float64]  # (window, keys), 1 where a read failed
+    table: npt.NDArray[np.float64]  # (keys, len(_TABLE_COLUMNS))
+    owner: npt.NDArray[np.intp]  # (keys,) the window each column belongs to
+    per_device: npt.NDArray[np.intp]  # (windows,) columns per window
+    first: npt.NDArray[np.intp]  # (windows,) each window's first column
+    new_key_share: npt.NDArray[np.float64]  # (windows,)
+
+    @classmethod
+    def gather(
+        cls, snapshots: Sequence[WindowSnapshot], order: npt.NDArray[np.intp]
+    ) -> _KeyColumns:
+        count = len(snapshots)
+        key_counts = [snapshot.values.shape[1] for snapshot in snapshots]
+        owner = np.repeat(np.arange(count), key_counts)
+        column_order = order[owner].T
+        values = np.take_along_axis(
+            np.concatenate([snapshot.values for snapshot in snapshots], axis=1),
+            column_order,
+            axis=0,
+        )
+        missing = np.take_along_axis(
+            np.concatenate([snapshot.missing for snapshot in snapshots], axis=1),
+            column_order,
+            axis=0,
+        )
+        table = np.concatenate([snapshot.key_table for snapshot in snapshots])
+
+        learned = table[:, _N] >= 2
+        reporting = ~np.isnan(values[-1])
+        reporting_keys = np.bincount(owner, weights=reporting, minlength=count)
+        new_keys = np.bincount(owner, weights=reporting & ~learned, minlength=count)
+        new_key_share = np.divide(
+            new_keys,
+            reporting_keys,
+            out=np.zeros(count),
+            where=reporting_keys > 0,
+        )
+
+        present = learned & ~np.all(np.isnan(values), axis=0)
+        per_device = np.bincount(owner[present], minlength=count)
+        return cls(
+            values=values[:, present],
+            missing=missing[:, present].astype(np.float64),
+            table=table[present],
+            owner=owner[present],
+            per_device=per_device,
+            first=np.cumsum(per_device) - per_device,
+            new_key_share=new_key_share,
+        )
+
+
+def _gap_z(
+    times: npt.NDArray[np.float64],
+    gap_mean: npt.NDArray[np.float64],
+    gap_spread: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """Each message gap of each window in learned spreads; 0 for the first."""
+    gaps = np.diff(times, axis=1, prepend=times[:, :1])
+    log_gaps = np.log(np.maximum(gaps, MIN_GAP_S))
+    z: npt.NDArray[np.float64] = (log_gaps - gap_mean[:, None]) / gap_spread[:, None]
+    z[:, 0] = 0.0
+    return z
+
+
+def _first_max(
+    first: npt.NDArray[np.float64], second: npt.NDArray[np.float64] | float
+) -> npt.NDArray[np.float64]:
+    """Python's `max(first, second)` elementwise, NaN handling included."""
+    larger: npt.NDArray[np.float64] = np.where(second > first, second, first)
+    return larger
+
+
+def _spreads(table: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """`_Stats.spread` for every row of a key table, to the last bit."""
+    n = table[:, _N]
+    variance = np.where(n > 1, table[:, _M2] / np.maximum(n - 1.0, 1.0), 0.0)
+    range_floor = np.where(
+        n != 0, RANGE_SPREAD_FLOOR * (table[:, _HI] - table[:, _LO]), 0.0
+    )
+    floor = _first_max(
+        _first_max(range_floor, MEAN_SPREAD_FLOOR * np.abs(table[:, _MEAN])),
+        ABSOLUTE_SPREAD_FLOOR,
+    )
+    return _first_max(np.sqrt(variance), floor)
+
+
+def _per_key_features(
+    values: npt.NDArray[np.float64],
+    missing: npt.NDArray[np.float64],
+    table: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """One row of `_KEY_FEATURES` per key column."""
+    means = table[:, _MEAN]
+    spreads = _spreads(table)
+    lows = table[:, _LO]
+    highs = table[:, _HI]
+
+    z = (values - means) / spreads
+    abs_z = np.abs(z)
+    observed = ~np.isnan(values)
+    observed_counts = observed.sum(axis=0)
+    counts = np.maximum(observed_counts, 1)
+    last = np.nan_to_num(abs_z[-1])
+    mean_z = np.abs(_column_sums(np.where(observed, z, 0.0), skip_nan=True) / counts)
+    max_z = np.nanmax(np.where(observed, abs_z, 0.0), axis=0)
+    window_mean = _column_sums(np.where(observed, values, 0.0)) / observed_counts
+    window_spread = np.sqrt(
+        _column_sums(
+            np.where(observed, (values - window_mean) ** 2, 0.0), skip_nan=True
+        )
+        / counts
+    )
+    spread_ratio = np.log((window_spread + spreads) / (2.0 * spreads))
+    margin = RANGE_MARGIN * (highs - lows) + spreads
+    outside = observed & ((values < lows - margin) | (values > highs + margin))
+    out_of_range = outside.sum(axis=0) / counts
+
+    steps = observed[1:] & observed[:-1]
+    changed = steps & (values[1:] != values[:-1])
+    change_share = changed.sum(axis=0) / np.maximum(steps.sum(axis=0), 1)
+    jump = np.nan_to_num(np.abs(values[-1] - values[-2]) / spreads)
+    step_sizes = np.where(steps, np.abs(values[1:] - values[:-1]), 0.0)
+    mean_step = _column_sums(step_sizes) / np.maximum(steps.sum(axis=0), 1)
+    step_means = table[:, _STEP_MEAN]
+    step_ratio = np.log((mean_step + spreads) / (step_means + spreads))
+
+    base = np.stack(
+        [
+            last,
+            mean_z,
+            max_z,
+            spread_ratio,
+            out_of_range,
+            change_share - table[:, _CHANGE_RATE],
+            missing.mean(axis=0),
+            jump,
+            step_ratio,
+            change_share,
+        ],
+        axis=1,
+    )
+    return np.hstack([base, _window_shapes(values)])
+
+
+def _column_sums(
+    columns: npt.NDArray[np.float64], skip_nan: bool = False
+) -> npt.NDArray[np.float64]:
+    """Sum down each column, adding its rows in time order (NaN as 0 if asked).
+
+    numpy adds the rows of a many-column array in order, but sums a single
+    column pairwise, which rounds differently; a lone column gets a column of
+    zeros beside it, so a key's features never depend on what else was in its
+    batch. The order is also the one a device's own key matrix was summed in,
+    so ties between keys break as they always did.
+    """
+    if skip_nan:
+        columns = np.where(np.isnan(columns), 0.0, columns)
+    lone = columns.shape[1] == 1
+    if lone:
+        columns = np.hstack([columns, np.zeros_like(columns)])
+    sums: npt.NDArray[np.float64] = columns.sum(axis=0)
+    return sums[:1] if lone else sums
+
+
+def _window_shapes(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Distinct share, lag-1 autocorrelation, step-to-range and longest run.
+
+    Per key column, over its observed readings only, as if the failed reads
+    were cut out of the window. A key with fewer than two readings gets
+    (1, 0, 0, 1): one distinct reading, no correlation, no steps, one run.
+    """
+    rows = values.T
+    observed = ~np.isnan(rows)
+    counts = observed.sum(axis=1)
+    # Observed readings moved to the front of each row, in time order.
+    compact = np.take_along_axis(
+        rows, np.argsort(~observed, axis=1, kind="stable"), axis=1
+    )
+    positions = np.arange(rows.shape[1])
+    valid = positions < counts[:, None]
+    pairs = positions[:-1] < counts[:, None] - 1
+
+    ordered = np.sort(rows, axis=1)
+    distinct = 1 + np.count_nonzero(pairs & (ordered[:, 1:] != ordered[:, :-1]), axis=1)
+    highest = np.take_along_axis(ordered, np.maximum(counts - 1, 0)[:, None], axis=1)
+    value_range = highest[:, 0] - ordered[:, 0]
+
+    steps = np.where(pairs, np.abs(np.diff(compact, axis=1)), 0.0)
+    step_mean = _leading_sums(steps, counts - 1) / np.maximum(counts - 1, 1)
+    mean = _leading_sums(compact, counts) / np.maximum(counts, 1)
+    centred = np.where(valid, compact - mean[:, None], 0.0)
+    energy = (centred * centred).sum(axis=1)
+    lagged = (centred[:, 1:] * centred[:, :-1]).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step_to_range = np.where(value_range > 0, step_mean / value_range, 0.0)
+        autocorrelation = np.where(energy > 0, lagged / energy, 1.0)
+
+    # Longest run of equal consecutive readings: the longest stretch of zero
+    # steps, plus the reading it starts from.
+    repeats = pairs & (steps == 0)
+    run = np.cumsum(repeats, axis=1)
+    run -= np.maximum.accumulate(np.where(repeats, 0, run), axis=1)
+    longest = run.max(axis=1, initial=0) + 1
+
+    shape = np.stack(
+        [distinct / counts, autocorrelation, step_to_range, longest / counts], axis=1
+    )
+    shape[counts < 2] = _SHORT_WINDOW_SHAPE
+    return shape
+
+
+def _leading_sums(
+    rows: npt.NDArray[np.float64], lengths: npt.NDArray[np.intp]
+) -> npt.NDArray[np.float64]:
+    """Sum the first `lengths[i]` entries of each row, as numpy sums alone.
+
+    numpy adds a contiguous run pairwise, so the rounding depends on how many
+    values are summed; a masked sum over the whole row rounds differently.
+    That is harmless almost everywhere, but centring a constant or nearly
+    constant key decides whether its autocorrelation is 1 or (n - 1) / n, so
+    each row is summed over exactly its own readings. Rows are grouped by
+    length: one numpy call per distinct length.
+    """
+    sums = np.zeros(len(rows))
+    for length in np.unique(lengths):
+        same = lengths == length
+        sums[same] = rows[same, : max(int(length), 0)].sum(axis=1)
+    return sums
+
+
+def _standardised(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Centre each key column on its window median; scale by the window spread.
 
     The CNN then sees the shape of the window (a spike, a step, a flat run,
     chatter) in the same units on every device, whatever the baseline.
+    Failed reads count as 0 (the median).
     """
-    centred = values - np.nanmedian(values, axis=0)
-    spread = np.nanstd(values, axis=0)
+    observed = ~np.isnan(values)
+    counts = observed.sum(axis=0)
+    ordered = np.sort(values, axis=0)
+    columns = np.arange(values.shape[1])
+    median = (ordered[(counts - 1) // 2, columns] + ordered[counts // 2, columns]) / 2.0
+    mean = _column_sums(np.where(observed, values, 0.0)) / counts
+    deviation = np.where(observed, values - mean, 0.0)
+    spread = np.sqrt(_column_sums(deviation * deviation) / counts)
     scaled: npt.NDArray[np.float64] = np.nan_to_num(
-        centred / np.maximum(spread, ABSOLUTE_SPREAD_FLOOR)
+        (values - median) / np.maximum(spread, ABSOLUTE_SPREAD_FLOOR)
     )
     return scaled
+
+
+def _place_strongest_keys(window: npt.NDArray[np.float64], keys: _KeyColumns) -> None:
+    """Write each window's `_CNN_VALUE_CHANNELS` furthest-straying keys.
+
+    Keys are ranked by their largest standardised reading; ties keep the
+    device's key order.
+    """
+    scaled = _standardised(keys.values)
+    strength = np.abs(scaled).max(axis=0)
+    ranked = np.argsort(-strength, kind="stable")
+    ranked = ranked[np.argsort(keys.owner[ranked], kind="stable")]
+    owner = keys.owner[ranked]
+    rank = np.arange(len(ranked)) - keys.first[owner]
+    keep = rank < _CNN_VALUE_CHANNELS
+    window[owner[keep], rank[keep]] = scaled[:, ranked[keep]].T

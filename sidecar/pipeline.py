@@ -20,7 +20,12 @@ from sidecar.calibration import DeviceCalibration
 from sidecar.conditions import ConditionVerdict, DeviceWatch, availability_state
 from sidecar.config import ConditionSettings, LimitSettings
 from sidecar.detector import Cascade, RowLimits
-from sidecar.features import DeviceState, FeatureSpec
+from sidecar.features import (
+    DeviceState,
+    FeatureSpec,
+    WindowSnapshot,
+    batch_features,
+)
 from sidecar.overrides import NO_RULES, DeviceRules, FeedbackStore, OverrideTable
 from sidecar.payload import PayloadKind, Readings, parse_payload
 from sidecar.stream import Message
@@ -215,20 +220,19 @@ class Pipeline:
         pending: list[tuple[str, int, Message, DeviceState]] = []
         rules: list[DeviceRules] = []
         calibrations = []
-        vectors = []
-        windows = []
+        # Each message's window is captured as it arrives; all are computed
+        # together once the batch is ingested.
+        snapshots: list[WindowSnapshot] = []
         for message in batch:
             self.counters.processed += 1
             ready = self._ingest(message)
             if ready is None:
                 continue
             device, tracked = ready
-            features = tracked.state.features()
+            snapshots.append(tracked.state.snapshot())
             pending.append((device, tracked.seq, message, tracked.state))
             rules.append(tracked.rules)
             calibrations.append(tracked.calibration)
-            vectors.append(features.vector)
-            windows.append(features.window)
 
         result = BatchResult(
             verdicts=self._unmuted(self._evicted),
@@ -242,9 +246,8 @@ class Pipeline:
         if not pending:
             return result
         limits = self._limits([item[0] for item in pending], rules)
-        scores = self.cascade.score(
-            np.stack(vectors), np.stack(windows), calibrations, limits
-        )
+        vectors, windows = batch_features(snapshots)
+        scores = self.cascade.score(vectors, windows, calibrations, limits)
         self.counters.windows_scored += len(pending)
         self.counters.cnn_runs += int(np.count_nonzero(~np.isnan(scores.cnn)))
         self.counters.calibrating += int(np.count_nonzero(scores.learning))
