@@ -418,6 +418,12 @@ def _fit_is_prefix(data: LabeledStreams) -> bool:
     return True
 
 
+def _tuned_on(models: LoadedModels) -> str:
+    """Where the cards say their thresholds were tuned."""
+    on = models.rf.card.data.get("validation_metrics", {}).get("on")
+    return str(on) if on else "TON_IoT validation"
+
+
 def evaluate_dataset(
     settings: Settings,
     models: LoadedModels,
@@ -445,10 +451,11 @@ def evaluate_dataset(
     scored = windows.seqs >= starts
     scores = dict(inputs.scores)
     flags = dict(inputs.flags)
+    tuned_on = _tuned_on(models)
     thresholds = {
-        "hybrid": "model cards (tuned on TON_IoT validation); alarm lifecycle",
-        "rf": "RF card threshold for use alone (TON_IoT validation)",
-        "cnn": "CNN card threshold for use alone (TON_IoT validation)",
+        "hybrid": f"model cards (tuned on {tuned_on}); alarm lifecycle",
+        "rf": f"RF card threshold for use alone ({tuned_on})",
+        "cnn": f"CNN card threshold for use alone ({tuned_on})",
     }
     if baselines:
         fit_windows = (
