@@ -83,7 +83,10 @@ def test_bench_accounts_for_every_message(
     for run in runs:
         assert run["published"] > 0
         assert run["broker_dropped"] is not None
-        assert run["lost"] == 0
+        # Negative is a copy counted twice, never a message missing: the
+        # sidecar can receive a verdict of its own published between the
+        # bench's last count of its output and its unsubscribe.
+        assert run["lost"] <= 0
     # Nothing but load reaches a bare subscriber: every message is received
     # or in the broker's drop counter (the sidecar's own output also has
     # copies in that counter, which `lost` takes into account).
