@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="learn from normal traffic with injected faults; no labels needed",
     )
+    train.add_argument(
+        "--from-recording",
+        type=Path,
+        metavar="FILE",
+        help="self-supervised training on a recording made with `record` "
+        "(the same as --self-supervised --data FILE)",
+    )
 
     broker = commands.add_parser(
         "broker", help="an embedded MQTT broker with the sidecar running inside"
@@ -324,6 +331,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.from_recording is not None:
+        if args.dataset is not None or args.data is not None:
+            sys.stderr.write(
+                "anomaly-sidecar train: --from-recording reads its own file; "
+                "leave out --dataset and --data\n"
+            )
+            return EXIT_CONFIG
+        args.self_supervised = True
+        args.data = args.from_recording
     if args.self_supervised:
         return _train_self_supervised(args)
     if args.dataset != "ton_iot" or args.data is None:

@@ -31,6 +31,7 @@ from converters.train_rf import rf_scores
 from sidecar.__main__ import main
 from sidecar.config import DetectionSettings, ModelSettings
 from sidecar.detector import load_cascade
+from sidecar.record import format_line
 
 # The device kept out of training: a zigbee2mqtt fridge sensor, judged only
 # through the baseline it learns of its own normal traffic.
@@ -196,6 +197,48 @@ def test_train_command_supervised_still_needs_ton_iot(
     code = main(["train", "--dataset", "simulation", "--out", "out/never"])
     assert code == 2
     assert "--dataset ton_iot" in capsys.readouterr().err
+
+
+def test_train_from_recording_writes_models_the_sidecar_loads(
+    streams: Mapping[str, list[LabeledMessage]], tmp_path: Path
+) -> None:
+    """Test `train --from-recording`: a `record` file in, a loadable pair out."""
+    recording = tmp_path / "home.jsonl"
+    with recording.open("w", encoding="utf-8") as lines:
+        for stream in streams.values():
+            lines.writelines(format_line(item.message) for item in stream)
+    out = tmp_path / "models-home"
+
+    code = main(["train", "--from-recording", str(recording), "--out", str(out)])
+
+    assert code == 0
+    card = json.loads((out / "rf.card.json").read_text(encoding="utf-8"))
+    assert card["training"] == "self-supervised"
+    models = load_cascade(
+        ModelSettings(directory=out),
+        DetectionSettings(),
+        card["feature_spec"]["window"],
+    )
+    assert models.versions["rf"] == card["version"]
+
+
+def test_train_from_recording_refuses_a_second_data_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Test that --from-recording with --dataset is an error, not a guess."""
+    code = main(
+        [
+            "train",
+            "--from-recording",
+            str(tmp_path / "home.jsonl"),
+            "--dataset",
+            "skab",
+            "--out",
+            str(tmp_path / "m"),
+        ]
+    )
+    assert code == 2
+    assert "--from-recording" in capsys.readouterr().err
 
 
 def _skab_file(path: Path, rows: int, fault_from: int) -> None:
