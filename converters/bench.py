@@ -34,7 +34,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from converters.bench_broker import DroppedCounter, Mosquitto, find_mosquitto
-from converters.bench_offline import SCORED_DEVICES, measure_memory, profile_worker
+from converters.bench_offline import (
+    SCORED_DEVICES,
+    measure_memory,
+    profile_worker,
+    sweep_knobs,
+)
 from converters.bench_report import format_report, targets
 from converters.bench_stages import (
     Bench,
@@ -71,7 +76,7 @@ DEFAULT_SCALE = (100, 10_000, 100_000)
 PROFILE_MESSAGES = 5_000
 # Latency is measured at this fraction of the ceiling's rate (the issue's).
 LATENCY_FRACTION = 0.5
-STAGES = ("throughput", "latency", "scale", "memory", "profile")
+STAGES = ("throughput", "latency", "scale", "memory", "profile", "knobs")
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -292,8 +297,26 @@ def run_bench(
         report["profile"]["receive_us_per_message"] = (
             None if ceiling is None else round(1e6 / ceiling, 2)
         )
+    if "knobs" in options.stages:
+        report["knobs"] = sweep_knobs(
+            settings, options.devices, options.profile_messages
+        )
+        report["knobs"]["queue_s_at_sidecar_rate"] = _queue_seconds(
+            settings.limits.queue_size, sidecar
+        )
     report["targets"] = targets(report)
     return report
+
+
+def _queue_seconds(queue_size: int, sidecar: float | None) -> float | None:
+    """How long a full queue takes to drain at the sidecar's measured rate.
+
+    Under sustained overload that is how old a message is when it is scored,
+    so `limits.queue_size` bounds latency through it.
+    """
+    if not sidecar:
+        return None
+    return round(queue_size / sidecar, 2)
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -24,11 +24,14 @@ from sidecar.service import build_pipeline
 from sidecar.stream import Message
 
 __all__ = [
+    "KNOB_BATCH_SIZES",
+    "KNOB_THREADS",
     "SCORED_DEVICES",
     "learning_messages",
     "measure_memory",
     "prewarm",
     "profile_worker",
+    "sweep_knobs",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -54,6 +57,11 @@ BYTES_PER_MB = 1024 * 1024
 PROBE_TIMEOUT_S = 600.0
 # Lines of the profile kept, by own time and by cumulative time.
 PROFILE_TOP = 12
+# Batch sizes and onnxruntime intra-op thread counts the knob sweep tries
+# (`limits.batch_size`, `models.intra_op_threads`): from a batch a few
+# devices fill to four times the default, and the 2 cores of a small hub.
+KNOB_BATCH_SIZES = (16, 64, 256, 1024)
+KNOB_THREADS = (1, 2)
 # The pipeline's steps, named by their functions in sidecar/, for the
 # per-stage split of the profile.
 STAGE_FUNCTIONS = {
@@ -211,6 +219,54 @@ def profile_worker(
         "top_tottime": _top(stats, "tottime", len(readings)),
         "top_cumtime": _top(stats, "cumulative", len(readings)),
     }
+
+
+def _timed_feed(
+    settings: Settings, models: LoadedModels, devices: int, messages: int
+) -> float:
+    """Microseconds per scored message of a fresh pipeline, no profiler."""
+    pipeline = build_pipeline(settings, models)
+    batch_size = settings.limits.batch_size
+    prewarm(pipeline, models, devices, batch_size)
+    readings = _readings(devices, max(1, messages // devices))
+    started = time.perf_counter()
+    _feed(pipeline, readings, batch_size)
+    return (time.perf_counter() - started) / len(readings) * 1e6
+
+
+def sweep_knobs(settings: Settings, devices: int, messages: int) -> dict[str, Any]:
+    """The worker's cost per message at each batch size and ONNX thread count.
+
+    Each setting gets a fresh pipeline (and for threads, freshly loaded
+    models), pre-warmed so every timed message is scored. A batch holds its
+    messages' verdicts until it is done, so `batch_ms` (batch size times the
+    cost per message) is what batching adds to latency at full load.
+    """
+    batches = []
+    models = load_cascade(settings.models, settings.detection, settings.window.length)
+    for batch_size in KNOB_BATCH_SIZES:
+        limits = settings.limits.model_copy(update={"batch_size": batch_size})
+        sized = settings.model_copy(update={"limits": limits})
+        cost = _timed_feed(sized, models, devices, messages)
+        batches.append(
+            {
+                "batch_size": batch_size,
+                "us_per_message": round(cost, 2),
+                "batch_ms": round(cost * batch_size / 1e3, 2),
+            }
+        )
+    threads = []
+    for count in KNOB_THREADS:
+        update = {"intra_op_threads": count}
+        threaded = settings.model_copy(
+            update={"models": settings.models.model_copy(update=update)}
+        )
+        loaded = load_cascade(
+            threaded.models, threaded.detection, threaded.window.length
+        )
+        cost = _timed_feed(threaded, loaded, devices, messages)
+        threads.append({"intra_op_threads": count, "us_per_message": round(cost, 2)})
+    return {"messages": messages, "batch_size": batches, "onnx_threads": threads}
 
 
 def _stats_rows(stats: pstats.Stats) -> dict[tuple[str, int, str], Any]:

@@ -217,6 +217,39 @@ def _profile_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _knob_lines(report: dict[str, Any]) -> list[str]:
+    knobs = report.get("knobs")
+    if knobs is None:
+        return []
+    lines = [
+        "",
+        "Knobs (worker alone, no profiler, us per scored message):",
+        "",
+        "| limits.batch_size | us per message | ms per batch |",
+        "| --- | --- | --- |",
+    ]
+    lines += [
+        f"| {row['batch_size']} | {row['us_per_message']:.1f} | {row['batch_ms']:.1f} |"
+        for row in knobs["batch_size"]
+    ]
+    lines += ["", "| models.intra_op_threads | us per message |", "| --- | --- |"]
+    lines += [
+        f"| {row['intra_op_threads']} | {row['us_per_message']:.1f} |"
+        for row in knobs["onnx_threads"]
+    ]
+    queue_s = knobs.get("queue_s_at_sidecar_rate")
+    if queue_s is not None:
+        lines += [
+            "",
+            (
+                f"A full queue (limits.queue_size) takes {queue_s:.1f} s to drain "
+                "at the sidecar's measured rate: the age of a message scored "
+                "under sustained overload."
+            ),
+        ]
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as Markdown: figures, targets, and the slowest stage's profile."""
     runs = _get(report, "options", "runs")
@@ -237,4 +270,5 @@ def format_report(report: dict[str, Any]) -> str:
     )
     lines += _target_lines(report)
     lines += _profile_lines(report)
+    lines += _knob_lines(report)
     return "\n".join(lines) + "\n"

@@ -16,8 +16,10 @@ from mqtt_helpers import BrokerAddress
 
 from converters.bench import spread
 from converters.bench_load import device_id, device_index
+from converters.bench_offline import KNOB_BATCH_SIZES, KNOB_THREADS, sweep_knobs
 from converters.bench_report import format_report, targets
 from sidecar.__main__ import main
+from sidecar.config import Settings
 
 StartMosquitto = Callable[..., BrokerAddress]
 
@@ -130,3 +132,18 @@ def test_device_ids_round_trip() -> None:
     """Test that device numbers survive the trip through their ids."""
     assert device_index(device_id(42)) == 42
     assert device_index("kitchen_fridge") is None
+
+
+def test_sweep_knobs_times_every_batch_size_and_thread_count() -> None:
+    """Test that the knob sweep reports each setting and the report shows them."""
+    knobs = sweep_knobs(Settings(), devices=2, messages=40)
+
+    assert [row["batch_size"] for row in knobs["batch_size"]] == list(KNOB_BATCH_SIZES)
+    assert [row["intra_op_threads"] for row in knobs["onnx_threads"]] == list(
+        KNOB_THREADS
+    )
+    for row in [*knobs["batch_size"], *knobs["onnx_threads"]]:
+        assert row["us_per_message"] > 0
+    table = format_report({"options": {"runs": 1}, "targets": {}, "knobs": knobs})
+    assert "| limits.batch_size | us per message | ms per batch |" in table
+    assert "| models.intra_op_threads | us per message |" in table
