@@ -247,6 +247,9 @@ class Pipeline:
             return result
         limits = self._limits([item[0] for item in pending], rules)
         vectors, windows = batch_features(snapshots)
+        del snapshots
+        for _, _, _, state in pending:
+            state.release()
         scores = self.cascade.score(vectors, windows, calibrations, limits)
         self.counters.windows_scored += len(pending)
         self.counters.cnn_runs += int(np.count_nonzero(~np.isnan(scores.cnn)))

@@ -128,6 +128,32 @@ def test_device_state_features_shape_dtype_and_finiteness() -> None:
     _assert_well_formed(features)
 
 
+def test_device_state_snapshot_stays_as_taken_after_later_updates() -> None:
+    """Test that a snapshot shares no buffer a later message writes into."""
+    state = _warmed_state()
+    snapshot = state.snapshot()
+    values = snapshot.values.copy()
+    times = snapshot.times.copy()
+
+    _feed(state, _z2m_messages(seed=9, count=3, start=1e6))
+
+    np.testing.assert_array_equal(snapshot.values, values)
+    np.testing.assert_array_equal(snapshot.times, times)
+    assert state.snapshot().times.max() > times.max()
+
+
+def test_device_state_released_snapshot_is_written_in_place() -> None:
+    """Test that after `release` the next message reuses the ring buffers."""
+    state = _warmed_state()
+    snapshot = state.snapshot()
+    state.release()
+
+    _feed(state, _z2m_messages(seed=9, count=1, start=1e6))
+
+    assert state.snapshot().times is snapshot.times
+    assert snapshot.times.max() >= 1e6
+
+
 def test_device_state_features_finite_with_missing_and_bad_payloads() -> None:
     """Test that missing markers, binary payloads and late keys keep inputs finite."""
     state = _warmed_state()
