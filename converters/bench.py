@@ -45,6 +45,7 @@ from converters.bench_stages import (
     Bench,
     Run,
     run_ceiling,
+    run_ceiling_shared,
     run_latency,
     run_peer,
     run_sidecar,
@@ -157,8 +158,13 @@ def _brief(run: Run) -> str:
 
 def _throughput(bench: Bench, runs: int) -> dict[str, Any]:
     """Rounds of ceiling, sidecar and peer, back to back."""
-    rounds: dict[str, list[Run]] = {"ceiling": [], "sidecar": [], "peer": []}
-    stages = {"ceiling": run_ceiling, "sidecar": run_sidecar, "peer": run_peer}
+    stages = {
+        "ceiling": run_ceiling,
+        "sidecar": run_sidecar,
+        "peer": run_peer,
+        "ceiling_shared": run_ceiling_shared,
+    }
+    rounds: dict[str, list[Run]] = {name: [] for name in stages}
     for index in range(runs):
         for name, stage in stages.items():
             run = stage(bench)
@@ -173,6 +179,13 @@ def _throughput(bench: Bench, runs: int) -> dict[str, Any]:
     report["ratio"] = statistics.median(pair[0] for pair in per_round)
     report["ratio_vs_peer"] = statistics.median(pair[1] for pair in per_round)
     report["ratio_runs"] = spread([pair[0] for pair in per_round])
+    # Whether spreading receipt across processes raises the ceiling itself.
+    report["ratio_shared_vs_ceiling"] = statistics.median(
+        shared["per_s"] / ceiling["per_s"]
+        for ceiling, shared in zip(
+            rounds["ceiling"], rounds["ceiling_shared"], strict=True
+        )
+    )
     report["ratio_vs_peer_runs"] = spread([pair[1] for pair in per_round])
     return report
 

@@ -14,7 +14,7 @@ PER_DEVICE_BYTES_TARGET = 2 * 1024
 FLEET_RSS_DEVICES = "100000"
 FLEET_RSS_TARGET_MB = 300.0
 # Stages whose runs carry a publish-side accounting.
-ACCOUNTED_STAGES = ("ceiling", "sidecar", "peer")
+ACCOUNTED_STAGES = ("ceiling", "sidecar", "peer", "ceiling_shared")
 PROFILE_LINES = 10
 
 
@@ -108,10 +108,23 @@ def _throughput_rows(report: dict[str, Any]) -> list[str]:
         _row("sidecar: messages processed, msg/s", report["sidecar"]["per_s"]),
         _row("sidecar: messages received, msg/s", report["sidecar"]["received_per_s"]),
         _row("peer: River HalfSpaceTrees, msg/s", report["peer"]["per_s"]),
+    ]
+    shared = report.get("ceiling_shared")
+    if shared is not None:
+        processes = shared["runs"][0]["processes"]
+        rows.append(
+            _row(
+                f"ceiling, {processes} processes on one shared subscription, msg/s",
+                shared["per_s"],
+            )
+        )
+    rows += [
         _row("ratio sidecar / ceiling", report["ratio_runs"], 3),
         _row("ratio sidecar / peer", report["ratio_vs_peer_runs"], 3),
     ]
     for stage in ACCOUNTED_STAGES:
+        if stage not in report:
+            continue
         rows.append(_row(f"{stage}: published", report[stage]["published"]))
         rows.append(
             _row(f"{stage}: broker dropped ($SYS)", report[stage]["broker_dropped"])
@@ -266,7 +279,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(
         f"ratio (sidecar/ceiling, median of rounds): "
         f"{_number(report.get('ratio'), 3)}; "
-        f"ratio_vs_peer: {_number(report.get('ratio_vs_peer'), 3)}"
+        f"ratio_vs_peer: {_number(report.get('ratio_vs_peer'), 3)}; "
+        f"shared-subscription ceiling / ceiling: "
+        f"{_number(report.get('ratio_shared_vs_ceiling'), 3)}"
     )
     lines += _target_lines(report)
     lines += _profile_lines(report)

@@ -38,6 +38,7 @@ __all__ = [
     "Bench",
     "Run",
     "run_ceiling",
+    "run_ceiling_shared",
     "run_latency",
     "run_peer",
     "run_sidecar",
@@ -65,6 +66,10 @@ STOP_DRAIN_S = 0.5
 LATENCY_DEVICES = 100
 LATENCY_FAULTY_EVERY = 5
 MS_PER_S = 1000.0
+# Subscriber processes of the shared-subscription ceiling: one per core of
+# the 2-core machines this was measured on. The group name is arbitrary.
+SHARED_PROCESSES = 2
+SHARED_GROUP = "bench"
 PERCENTILES = {"p50": 50.0, "p99": 99.0}
 
 
@@ -199,6 +204,35 @@ def run_ceiling(bench: Bench) -> Run:
         )
     finally:
         subscriber.close()
+
+
+def run_ceiling_shared(bench: Bench, processes: int = SHARED_PROCESSES) -> Run:
+    """Bare counting subscribers in processes of their own, sharing `#`.
+
+    The broker hands each message of `$share/<group>/#` to one member of
+    the group (MQTT 5 section 4.8.2; Mosquitto offers it to 3.1.1 clients
+    too), so this is how far spreading the work across processes raises
+    the ceiling of one paho client. Mosquitto picks the member per message,
+    not per device, so a sidecar spread this way would need to hand each
+    device's messages to one process itself. The counting processes
+    subscribe at QoS 0 whatever the bench's QoS.
+    """
+    members = [
+        CountingProcess(bench.host, bench.port, [f"$share/{SHARED_GROUP}/#"])
+        for _ in range(processes)
+    ]
+
+    def count() -> int:
+        return sum(member.count for member in members)
+
+    try:
+        time.sleep(QUIET_S)
+        run = _throughput(bench, bench.spec(bench.devices), count, count, lambda: None)
+        run["processes"] = processes
+        return run
+    finally:
+        for member in members:
+            member.close()
 
 
 def run_peer(bench: Bench) -> Run:

@@ -79,6 +79,7 @@ def test_bench_accounts_for_every_message(
         *report["ceiling"]["runs"],
         *report["sidecar"]["runs"],
         *report["peer"]["runs"],
+        *report["ceiling_shared"]["runs"],
         *report["latency"]["runs"],
         *report["latency_at_half_sidecar"]["runs"],
     ]
@@ -92,7 +93,8 @@ def test_bench_accounts_for_every_message(
     # Nothing but load reaches a bare subscriber: every message is received
     # or in the broker's drop counter (the sidecar's own output also has
     # copies in that counter, which `lost` takes into account).
-    for run in [*report["ceiling"]["runs"], *report["peer"]["runs"]]:
+    bare = ("ceiling", "peer", "ceiling_shared")
+    for run in [run for stage in bare for run in report[stage]["runs"]]:
         assert run["published"] == run["received"] + run["broker_dropped"]
     for run in report["sidecar"]["runs"]:
         assert run["accounted"]
@@ -104,10 +106,12 @@ def test_bench_accounts_for_every_message(
     # The documented keys: ratios, latency, every figure as min/median/max.
     assert isinstance(report["ratio"], float)
     assert isinstance(report["ratio_vs_peer"], float)
+    assert isinstance(report["ratio_shared_vs_ceiling"], float)
+    assert report["ceiling_shared"]["runs"][0]["processes"] == 2
     assert set(report["latency_ms"]) == {"p50", "p99", "max"}
     for figure in report["latency_ms"].values():
         assert set(figure) == FIGURE_KEYS
-    for stage in ("ceiling", "sidecar", "peer"):
+    for stage in ("ceiling", "sidecar", "peer", "ceiling_shared"):
         for name in ("per_s", "published", "received", "broker_dropped", "lost"):
             assert set(report[stage][name]) == FIGURE_KEYS
 
