@@ -142,6 +142,11 @@ class ConditionVerdict:
         return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
 
 
+def _or_inf(value: float) -> float:
+    """A time, or infinity where it is not set (NaN), for `min`."""
+    return math.inf if math.isnan(value) else value
+
+
 def _duration(seconds: float) -> str:
     """Say a duration the way a person would read it.
 
@@ -216,6 +221,7 @@ class DeviceWatch:
     frozen_since: float = math.nan
     unavailable_keys: tuple[str, ...] = ()
     unavailable_since: float = math.nan
+    announced_online: bool = False
 
     def observe(
         self,
@@ -297,6 +303,7 @@ class DeviceWatch:
         self, device: str, online: bool, at: float, topic: str
     ) -> ConditionVerdict | None:
         """Apply an availability announcement; return the change, if any."""
+        self.announced_online = online
         if not online and math.isnan(self.offline_since):
             self.offline_since = at
             return ConditionVerdict(
@@ -319,6 +326,82 @@ class DeviceWatch:
                 detail=f"announced online on {topic} after {_duration(at - since)}",
             )
         return None
+
+    def adopt(
+        self,
+        device: str,
+        kind: ConditionKind,
+        since: float,
+        keys: list[KeyState],
+        at: float,
+    ) -> ConditionVerdict | None:
+        """Take over a condition a previous run raised (its retained verdict).
+
+        Without this a restarted sidecar, which starts with no state, would
+        never clear what the last run left raised. The condition is held as
+        if this run had raised it, so it clears as usual; what this run has
+        already seen to the contrary (the device reported, announced itself
+        online, or showed the key changed or readable) clears it at once,
+        which the returned verdict says. A condition this run has raised
+        itself (its own retained verdict, replayed after a reconnect) is left
+        as it is.
+        """
+        if kind in self.raised():
+            return None
+        if kind is ConditionKind.SILENT:
+            if math.isfinite(self.last_seen):
+                return self._cleared_on_adopt(device, kind, at, since)
+            self.silent_since = since
+        elif kind is ConditionKind.OFFLINE:
+            if self.announced_online:
+                return self._cleared_on_adopt(device, kind, at, since)
+            self.offline_since = since
+        else:
+            held = tuple(
+                sorted(item.key for item in keys if self._adopt_key(kind, item))
+            )
+            if not held:
+                return self._cleared_on_adopt(device, kind, at, since)
+            setattr(self, f"{kind.value}_keys", held)
+            setattr(self, f"{kind.value}_since", since)
+        return None
+
+    def _adopt_key(self, kind: ConditionKind, item: KeyState) -> bool:
+        """Hold one key's adopted state; False if this run saw it end."""
+        watch = self.keys.get(item.key)
+        if kind is ConditionKind.FROZEN:
+            if watch is not None and watch.value != item.value:
+                return False
+            if watch is None:
+                watch = self.keys[item.key] = _KeyWatch(value=item.value)
+            # The key was judged variable and stuck; keep judging it so.
+            watch.distinct = None
+            watch.frozen = True
+            watch.run_start = min(_or_inf(watch.run_start), item.since)
+            watch.run_messages += item.messages
+            return True
+        if watch is not None and math.isnan(watch.missing_since):
+            return False
+        if watch is None:
+            watch = self.keys[item.key] = _KeyWatch()
+        watch.missing_since = min(_or_inf(watch.missing_since), item.since)
+        watch.missing_messages += item.messages
+        watch.unavailable = True
+        return True
+
+    @staticmethod
+    def _cleared_on_adopt(
+        device: str, kind: ConditionKind, at: float, since: float
+    ) -> ConditionVerdict:
+        return ConditionVerdict(
+            device,
+            kind,
+            Transition.CLEARED,
+            at,
+            since,
+            detail=f"{kind.value} no more: this run saw the device recover "
+            "after a restart",
+        )
 
     def expected_gap_s(self, settings: ConditionSettings) -> float:
         """How long a silence is still usual for this device; NaN until learned."""

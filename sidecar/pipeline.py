@@ -7,17 +7,25 @@ is measured offline is what runs beside the broker.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import TypeVar
+from datetime import datetime
+from typing import Any, TypeVar
 
 import numpy as np
 
 from sidecar.calibration import DeviceCalibration
-from sidecar.conditions import ConditionVerdict, DeviceWatch, availability_state
+from sidecar.conditions import (
+    ConditionKind,
+    ConditionVerdict,
+    DeviceWatch,
+    KeyState,
+    availability_state,
+)
 from sidecar.config import ConditionSettings, LimitSettings
 from sidecar.detector import Cascade, RowLimits
 from sidecar.features import (
@@ -37,6 +45,9 @@ __all__ = ["BatchResult", "Counters", "Pipeline", "WindowScore"]
 _LOG = logging.getLogger(__name__)
 # How many of the furthest-off keys a verdict names.
 EVIDENCE_KEYS = 3
+# Levels below the output prefix of a verdict a run can carry over:
+# `<device>` (the models' verdict) and `<device>/<kind>` (a condition).
+ADOPTED_LEVELS = 2
 
 
 @dataclass
@@ -71,6 +82,7 @@ class Counters:
     ignored_by_override: int = 0
     verdicts_muted: int = 0
     feedback_marks: int = 0
+    alarms_adopted: int = 0
     publish_failures: int = 0
     worker_errors: int = 0
 
@@ -146,6 +158,28 @@ def channel_readings(payload: bytes, channel: str, max_bytes: int) -> Readings:
             readings.dropped_keys,
         )
     return readings
+
+
+def _own_verdict(payload: bytes, max_bytes: int) -> dict[str, Any] | None:
+    """A raised verdict of ours as a mapping, or None for anything else."""
+    if len(payload) > max_bytes:
+        return None
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return None
+    if (
+        not isinstance(document, dict)
+        or not isinstance(document.get("device"), str)
+        or document.get("state") != Transition.RAISED.value
+    ):
+        return None
+    return document
+
+
+def _timestamp(text: Any) -> float:
+    """Unix seconds of a verdict's ISO 8601 time."""
+    return datetime.fromisoformat(str(text)).timestamp()
 
 
 _PAYLOAD_COUNTERS = {
@@ -487,6 +521,81 @@ class Pipeline:
                 f"threshold is now {threshold:.2f}",
             )
         ]
+
+    def adopt(self, level: str, payload: bytes, at: float) -> BatchResult:
+        """Take over an alarm a previous run left retained under the prefix.
+
+        `level` is the topic below the output prefix (`<device>` for a model
+        verdict, `<device>/<kind>` for a condition) and `payload` the
+        retained verdict. A raised one is held as if this run had raised it,
+        so it is cleared as usual; where this run already knows better (the
+        device is ignored now, the condition is switched off, or it has
+        already recovered) the result clears it at once. Anything else (a
+        cleared verdict, a payload that is not ours) is passed over.
+        """
+        parts = level.split("/")
+        document = _own_verdict(payload, self.limits.max_payload_bytes)
+        if document is None or len(parts) > ADOPTED_LEVELS:
+            return BatchResult()
+        device = document["device"]
+        if device_topic_segment(device) != parts[0]:
+            return BatchResult()
+        tracked = self._tracked(device, at, str(document.get("topic") or ""))
+        result = BatchResult(devices_changed=self._devices_changed)
+        self._devices_changed = []
+        if len(parts) == 1 and self.lifecycle.in_alarm(device):
+            # Raised by this run; the broker replays it after a reconnect.
+            return result
+        if len(parts) == 1:
+            self.counters.alarms_adopted += 1
+            if tracked.rules.ignore:
+                note = "no longer watched: ignored by an override"
+                result.verdicts.append(self._note_verdict(device, tracked, at, note))
+                self.counters.verdicts_cleared += 1
+            else:
+                self.lifecycle.adopt(device)
+            _LOG.info("alarm carried over device=%r kind=model", device)
+            return result
+        try:
+            kind = ConditionKind(parts[1])
+            since = _timestamp(document["since"])
+            keys = [
+                KeyState(
+                    str(item["key"]),
+                    _timestamp(item["since"]),
+                    int(item["messages"]),
+                    math.nan if item.get("value") is None else float(item["value"]),
+                )
+                for item in document.get("keys", [])
+            ]
+        except (KeyError, TypeError, ValueError):
+            return result
+        if kind in tracked.watch.raised():
+            return result
+        self.counters.alarms_adopted += 1
+        watched = getattr(self.conditions, kind.value).enabled
+        change = (
+            tracked.watch.adopt(device, kind, since, keys, at)
+            if watched and not tracked.rules.ignore
+            else ConditionVerdict(
+                device,
+                kind,
+                Transition.CLEARED,
+                at,
+                since,
+                detail=f"{kind.value} no longer watched",
+            )
+        )
+        if change is not None:
+            result.conditions.append(change)
+        self._count_conditions(result.conditions)
+        _LOG.info(
+            "alarm carried over device=%r kind=%s cleared=%s",
+            device,
+            kind.value,
+            change is not None,
+        )
+        return result
 
     def _limits(
         self, devices: Sequence[str], rules: Sequence[DeviceRules]

@@ -67,6 +67,10 @@ FEEDBACK_LEVEL = "_feedback"
 # Feedback messages waiting for the worker; users send a handful a day, so
 # past this the oldest are dropped (deque maxlen), never buffered without end.
 FEEDBACK_QUEUE_SIZE = 1000
+# Retained verdicts of a previous run waiting for the worker to carry them
+# over: one per device and kind (five kinds), for the default 10,000
+# devices; past it the oldest are dropped (deque maxlen) and stay retained.
+RETAINED_QUEUE_SIZE = 50_000
 # How often the worker runs its clock-driven duties (probe, broker counter).
 TICK_INTERVAL_S = 1.0
 
@@ -159,6 +163,10 @@ class Service:
         self._feedback: collections.deque[Message] = collections.deque(
             maxlen=FEEDBACK_QUEUE_SIZE
         )
+        self._output_level = f"{settings.output.prefix}/"
+        self._retained: collections.deque[Message] = collections.deque(
+            maxlen=RETAINED_QUEUE_SIZE
+        )
         # Work handed to the worker from other threads (reloads), run between
         # batches so the pipeline is only ever touched by the worker.
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -226,6 +234,9 @@ class Service:
             counters.own_output += 1
             if message.topic.startswith(self._feedback_prefix):
                 self._feedback.append(message)
+            elif message.retain and message.topic.startswith(self._output_level):
+                # What a previous run left raised, replayed on subscribe.
+                self._retained.append(message)
             return
         try:
             self._queue.put_nowait(message)
@@ -284,6 +295,7 @@ class Service:
                 return
             self._run_requests()
             self._apply_feedback()
+            self._adopt_retained()
             if self.discovery is not None:
                 self.discovery.tick(
                     self.adapter.connects,
@@ -373,6 +385,17 @@ class Service:
                 continue
             cleared = self.pipeline.mark_false_positive(segment, time.time())
             self._publish(BatchResult(verdicts=cleared))
+
+    def _adopt_retained(self) -> None:
+        skip = len(self._output_level)
+        while self._retained:
+            message = self._retained.popleft()
+            level = message.topic[skip:]
+            if level.startswith("_"):
+                continue
+            self._publish(
+                self.pipeline.adopt(level, message.payload, message.received_at)
+            )
 
     def _shed_queued(self) -> None:
         shed = 0

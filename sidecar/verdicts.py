@@ -86,6 +86,14 @@ class AlarmLifecycle:
             self._streak.pop(device, None)
         return None
 
+    def adopt(self, device: str) -> None:
+        """Hold a device in alarm that a previous run left raised.
+
+        It is cleared as any alarm is, after `clear_after` quiet windows.
+        """
+        self._in_alarm.add(device)
+        self._streak.pop(device, None)
+
     def forget(self, device: str) -> None:
         """Drop a device's state (it was evicted)."""
         self._in_alarm.discard(device)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.conditions import ConditionKind, ConditionVerdict
+from sidecar.conditions import ConditionKind, ConditionVerdict, KeyState
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.detector import LoadedModels, load_cascade
 from sidecar.pipeline import Pipeline
@@ -321,3 +321,113 @@ def test_evicted_device_in_alarm_gets_a_cleared_verdict(models: LoadedModels) ->
     assert [(v.device, v.state) for v in cleared] == [("fridge", Transition.CLEARED)]
     assert "no longer tracked" in cleared[0].reason()
     assert json.loads(cleared[0].to_json())["state"] == "cleared"
+
+
+def _left_raised(kind: ConditionKind, at: float, **fields: Any) -> bytes:
+    """A raised condition of hall_motion as a previous run left it retained."""
+    return ConditionVerdict(
+        "hall_motion", kind, Transition.RAISED, at, at - HOUR_S, **fields
+    ).to_json()
+
+
+def test_adopted_frozen_holds_until_the_value_moves(models: LoadedModels) -> None:
+    """Test that a frozen key carried over a restart clears only when it changes."""
+    pipeline = _pipeline(models)
+    start = 10 * HOUR_S
+    stuck = KeyState("temperature", start - 2 * HOUR_S, 24, 20.95)
+    left = _left_raised(ConditionKind.FROZEN, start, keys=(stuck,))
+
+    adopted = pipeline.adopt("hall_motion/frozen", left, start)
+    still = _feed(pipeline, _hall_motion(start, 6, 20.95))
+    moved = _feed(pipeline, _hall_motion(start + 6 * FIVE_MIN_S, 1, 21.4))
+
+    assert adopted.conditions == []
+    assert still == []
+    assert [(v.kind, v.state) for v in moved] == [
+        (ConditionKind.FROZEN, Transition.CLEARED)
+    ]
+    assert pipeline.counters.alarms_adopted == 1
+
+
+def test_adopted_offline_clears_at_once_if_already_announced_online(
+    models: LoadedModels,
+) -> None:
+    """Test that a retained offline alarm arriving after `online` is cleared."""
+    pipeline = _pipeline(models)
+    online = Message("zigbee2mqtt/hall_motion/availability", b"online", 100.0)
+    pipeline.process([online])
+
+    result = pipeline.adopt(
+        "hall_motion/offline", _left_raised(ConditionKind.OFFLINE, 50.0), 101.0
+    )
+
+    assert [(v.kind, v.state) for v in result.conditions] == [
+        (ConditionKind.OFFLINE, Transition.CLEARED)
+    ]
+
+
+def test_adopted_condition_that_is_switched_off_now_is_cleared(
+    models: LoadedModels,
+) -> None:
+    """Test that an alarm of a condition this run does not watch is not left up."""
+    pipeline = _pipeline(models, conditions={"silent": {"enabled": False}})
+
+    result = pipeline.adopt(
+        "hall_motion/silent", _left_raised(ConditionKind.SILENT, 50.0), 51.0
+    )
+
+    assert [(v.kind, v.state) for v in result.conditions] == [
+        (ConditionKind.SILENT, Transition.CLEARED)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("level", "payload"),
+    [
+        pytest.param(
+            "hall_motion/silent",
+            ConditionVerdict(
+                "hall_motion", ConditionKind.SILENT, Transition.CLEARED, 9.0, 1.0
+            ).to_json(),
+            id="cleared",
+        ),
+        pytest.param(
+            "other_device/silent",
+            _left_raised(ConditionKind.SILENT, 50.0),
+            id="device_not_of_this_level",
+        ),
+        pytest.param("hall_motion/silent", b"raised", id="not_json"),
+        pytest.param("hall_motion/silent/x", b"{}", id="too_deep"),
+        pytest.param(
+            "hall_motion/sleepy",
+            _left_raised(ConditionKind.SILENT, 50.0),
+            id="unknown_kind",
+        ),
+    ],
+)
+def test_adopt_passes_over_what_is_not_a_raised_alarm_of_ours(
+    models: LoadedModels, level: str, payload: bytes
+) -> None:
+    """Test that only raised verdicts matching their topic are carried over."""
+    pipeline = _pipeline(models)
+
+    result = pipeline.adopt(level, payload, 60.0)
+
+    assert result.conditions == []
+    assert result.verdicts == []
+    assert pipeline.counters.alarms_adopted == 0
+
+
+def test_adopt_leaves_an_alarm_this_run_raised_alone(models: LoadedModels) -> None:
+    """Test that a replay of our own raised silent alarm after a reconnect is kept."""
+    pipeline = _pipeline(models)
+    _feed(pipeline, _hall_motion(0.0, 20, lambda i: 20.0 + 0.1 * i))
+    raised = pipeline.check(20 * FIVE_MIN_S + 3 * HOUR_S)
+    assert [(v.kind, v.state) for v in raised] == [
+        (ConditionKind.SILENT, Transition.RAISED)
+    ]
+
+    result = pipeline.adopt("hall_motion/silent", raised[0].to_json(), 1e5)
+
+    assert result.conditions == []
+    assert pipeline.counters.alarms_adopted == 0

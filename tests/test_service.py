@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -11,9 +12,11 @@ from typing import Any
 import pytest
 from mqtt_helpers import BrokerAddress, MessageCollector, ReceivedMessage, publish
 
+from sidecar.conditions import ConditionKind, ConditionVerdict
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.detector import LoadedModels, load_cascade
 from sidecar.service import Service
+from sidecar.verdicts import Transition, Verdict
 
 pytestmark = pytest.mark.broker
 
@@ -174,3 +177,71 @@ def test_service_status_topic_goes_offline_on_stop(broker: BrokerAddress) -> Non
             timeout=VERDICT_TIMEOUT_S,
         )
     assert isinstance(offline[-1], ReceivedMessage)
+
+
+def _previous_run_alarms(device: str, at: float) -> dict[str, bytes]:
+    """Retained raised verdicts as a stopped sidecar leaves them behind."""
+    model = Verdict(
+        device=device,
+        state=Transition.RAISED,
+        score=0.9,
+        rf_score=0.9,
+        cnn_score=0.9,
+        topic=f"zigbee2mqtt/{device}",
+        received_at=at,
+        seq=400,
+        models={"rf": "old", "cnn": "old"},
+        evidence=(),
+        typical_gap_s=1.0,
+        last_gap_s=1.0,
+    )
+    silent = ConditionVerdict(
+        device, ConditionKind.SILENT, Transition.RAISED, at, at - 600.0, 300.0
+    )
+    return {
+        f"anomalies/{device}": model.to_json(),
+        f"anomalies/{device}/silent": silent.to_json(),
+    }
+
+
+def test_service_clears_alarms_a_previous_run_left_retained(
+    broker: BrokerAddress,
+) -> None:
+    """Test that a restarted sidecar clears the raised alarms it finds retained.
+
+    The previous run's verdicts are retained in the broker; without taking
+    them over, the new run (which raises and clears only on transitions)
+    would leave Home Assistant showing a problem for good.
+    """
+    device = "restarted_plug"
+    for topic, payload in _previous_run_alarms(device, time.time() - 60).items():
+        publish(broker, topic, payload, qos=1, retain=True)
+    settings = _settings(broker, fused_threshold=1.0, alarm_after=1, clear_after=3)
+
+    running = contextlib.contextmanager(_running)
+    with (
+        MessageCollector(broker, f"anomalies/{device}/#") as output,
+        running(settings) as service,
+    ):
+        _publish_readings(broker, f"zigbee2mqtt/{device}", MESSAGES_TO_SCORE)
+        cleared = output.wait_for(
+            lambda seen: _cleared_topics(seen) >= {"", "/silent"},
+            timeout=VERDICT_TIMEOUT_S,
+        )
+        counters = service.counters
+
+    assert _cleared_topics(cleared) >= {"", "/silent"}
+    # amqtt 0.12.1 may hand a new subscriber a retained message twice; the
+    # second copy of the silent alarm is then cleared again (the device has
+    # reported since), which changes nothing for Home Assistant.
+    assert counters["alarms_adopted"] >= 2
+    assert counters["verdicts_raised"] == 0
+
+
+def _cleared_topics(seen: list[ReceivedMessage]) -> set[str]:
+    """Topic suffixes (after anomalies/<device>) whose latest state is cleared."""
+    states = {}
+    for message in seen:
+        suffix = message.topic.split("/", 2)[2] if message.topic.count("/") > 1 else ""
+        states["/" + suffix if suffix else ""] = json.loads(message.payload)["state"]
+    return {suffix for suffix, state in states.items() if state == "cleared"}
