@@ -53,6 +53,7 @@ __all__ = [
     "Discovery",
     "Sensor",
     "device_object_id",
+    "own_config_pattern",
     "removal_topics",
     "sensors_for",
     "status_sensor",
@@ -303,6 +304,14 @@ def zigbee_addresses(payload: bytes) -> dict[str, str] | None:
     return found
 
 
+def own_config_pattern(discovery: DiscoverySettings) -> re.Pattern[str]:
+    """Topics of the sidecar's own discovery configs, bridged copies included."""
+    return re.compile(
+        rf"(?:.+/)?{re.escape(discovery.prefix)}/{COMPONENT}/"
+        rf"{re.escape(discovery.node_id)}/[^/]+/config"
+    )
+
+
 class Discovery:
     """Keep Home Assistant's discovery configs in step with the tracked devices.
 
@@ -328,10 +337,7 @@ class Discovery:
         self.output = output
         self.conditions = conditions
         self._publish = publish
-        self._own = re.compile(
-            rf"(?:.+/)?{re.escape(discovery.prefix)}/{COMPONENT}/"
-            rf"{re.escape(discovery.node_id)}/[^/]+/config"
-        )
+        self._own = own_config_pattern(discovery)
         self._lock = threading.Lock()
         self._announced = threading.Event()
         self._z2m_payload: bytes | None = None

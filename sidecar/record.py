@@ -4,7 +4,8 @@ One line per message: `{"time": <unix seconds>, "topic": ..., "payload": ...,
 "retain": ...}`, the format `anomaly-sidecar train --self-supervised --data`
 reads. Payloads are written as text; bytes that are not UTF-8 become U+FFFD
 (such payloads are junk to the models anyway). The sidecar's own output and
-the broker's `$SYS` topics are not recorded.
+the broker's `$SYS` topics are not recorded, nor its Home Assistant
+discovery configs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from sidecar.config import Settings
+from sidecar.discovery import own_config_pattern
 from sidecar.mqtt import MqttAdapter
 from sidecar.stream import Message
 from sidecar.topics import TopicRouter
@@ -36,6 +38,9 @@ RECORD_QUEUE_SIZE = 100_000
 # The writer wakes this often to notice the stop event and the time limit.
 POLL_S = 0.2
 CONNECT_TIMEOUT_S = 30.0
+# Appended to the configured client id, so the recorder and a sidecar run
+# from the same config can be connected at once.
+CLIENT_ID_SUFFIX = "-record"
 
 
 @dataclass(frozen=True)
@@ -79,9 +84,16 @@ def record(
     dropped = 0
     skipped_own = 0
 
+    own_configs = own_config_pattern(settings.discovery)
+
     def enqueue(message: Message) -> None:
         nonlocal dropped, skipped_own
-        if router.is_own_output(message.topic) or message.topic.startswith("$"):
+        topic = message.topic
+        if (
+            router.is_own_output(topic)
+            or topic.startswith("$")
+            or own_configs.fullmatch(topic) is not None
+        ):
             skipped_own += 1
             return
         try:
@@ -89,9 +101,12 @@ def record(
         except queue.Full:
             dropped += 1
 
-    adapter = MqttAdapter(
-        settings.broker, list(settings.subscribe.include), None, enqueue
+    # Its own client id: a sidecar running with the same config would
+    # otherwise take the connection from the recorder and back, in a loop.
+    broker = settings.broker.model_copy(
+        update={"client_id": f"{settings.broker.client_id}{CLIENT_ID_SUFFIX}"}
     )
+    adapter = MqttAdapter(broker, list(settings.subscribe.include), None, enqueue)
     adapter.start()
     written = 0
     size = out.stat().st_size if out.exists() else 0

@@ -11,7 +11,9 @@ import pytest
 from mqtt_helpers import BrokerAddress, publish
 
 from sidecar.config import Settings, settings_from_mapping
+from sidecar.detector import load_cascade
 from sidecar.record import RecordSummary, format_line, record
+from sidecar.service import Service
 from sidecar.stream import Message
 
 pytestmark = pytest.mark.broker
@@ -58,6 +60,11 @@ def test_record_writes_device_traffic_and_skips_own_output(
     threading.Event().wait(SUBSCRIBE_WAIT_S)
     publish(mosquitto_broker, "zigbee2mqtt/fridge", b'{"temperature": 4.1}')
     publish(mosquitto_broker, "anomalies/fridge", b'{"state": "raised"}')
+    publish(
+        mosquitto_broker,
+        "homeassistant/binary_sensor/anomaly_sidecar/fridge_anomaly/config",
+        b'{"name": "Anomaly"}',
+    )
     publish(mosquitto_broker, "tele/plug/SENSOR", b"\xff\xfe")
     threading.Event().wait(SUBSCRIBE_WAIT_S)
     stop.set()
@@ -72,8 +79,36 @@ def test_record_writes_device_traffic_and_skips_own_output(
     assert lines[1]["payload"] == "\ufffd\ufffd"
     assert all(isinstance(line["time"], float) for line in lines)
     assert results[0].written == 2
-    assert results[0].skipped_own == 1
+    assert results[0].skipped_own == 2
     assert results[0].reason == "stopped"
+
+
+def test_record_beside_a_sidecar_with_the_same_config(
+    mosquitto_broker: BrokerAddress, tmp_path: Path
+) -> None:
+    """Test that recording does not knock a sidecar off with its client id."""
+    settings = _settings(mosquitto_broker)
+    models = load_cascade(settings.models, settings.detection, settings.window.length)
+    service = Service(settings, models)
+    service.start()
+    try:
+        assert service.adapter.subscribed.wait(RECORD_S)
+        out = tmp_path / "home.jsonl"
+        thread, stop, results = _record_in_background(settings, out, 1_000_000)
+        threading.Event().wait(SUBSCRIBE_WAIT_S)
+        for index in range(20):
+            publish(mosquitto_broker, "zigbee2mqtt/fridge", f"{index}")
+        threading.Event().wait(SUBSCRIBE_WAIT_S)
+        stop.set()
+        thread.join()
+        connects = service.adapter.connects
+        processed = service.counters["processed"]
+    finally:
+        service.stop()
+
+    assert results[0].written == 20
+    assert connects == 1
+    assert processed == 20
 
 
 def test_record_stops_at_the_size_cap(
