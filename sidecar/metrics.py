@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sidecar.config import MetricsSettings
+from sidecar.errors import ConfigError
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -122,10 +123,24 @@ class MetricsEndpoint:
         return int(self._server.server_port)
 
     def start(self) -> None:
-        """Listen in a background thread."""
-        self._server, self._thread = start_http_server(
-            self.settings.port, addr=self.settings.host, registry=self.registry
-        )
+        """Listen in a background thread.
+
+        Raises:
+            ConfigError: The address cannot be listened on (the port is
+                taken, or the host is not an address of this machine).
+        """
+        host, port = self.settings.host, self.settings.port
+        try:
+            self._server, self._thread = start_http_server(
+                port, addr=host, registry=self.registry
+            )
+        except OSError as err:
+            problem = (
+                f"metrics.port: cannot listen on {host}:{port} ({err.strerror}); "
+                "choose a free port, or metrics.enabled: false "
+                f"(got {port})"
+            )
+            raise ConfigError("metrics settings", [problem]) from err
         _LOG.info(
             "metrics endpoint listening host=%s port=%d path=/metrics",
             self.settings.host,

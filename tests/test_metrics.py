@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.request
 import uuid
@@ -11,8 +12,10 @@ import pytest
 from mqtt_helpers import BrokerAddress, publish
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.config import Settings, settings_from_mapping
+from sidecar.config import MetricsSettings, Settings, settings_from_mapping
 from sidecar.detector import load_cascade
+from sidecar.errors import ConfigError
+from sidecar.metrics import MetricsEndpoint
 from sidecar.service import Service
 
 pytestmark = pytest.mark.broker
@@ -86,3 +89,19 @@ def test_metrics_endpoint_is_off_by_default(mosquitto_broker: BrokerAddress) -> 
     service = Service(settings, models)
 
     assert service.metrics is None
+
+
+def test_metrics_port_taken_is_a_config_error_naming_the_port() -> None:
+    """Test that a busy metrics port stops start-up with a message, not a trace."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        endpoint = MetricsEndpoint(
+            MetricsSettings(enabled=True, port=port), lambda: {}, {}
+        )
+
+        with pytest.raises(
+            ConfigError, match=rf"metrics\.port: .*:{port} .*got {port}"
+        ):
+            endpoint.start()
