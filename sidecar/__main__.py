@@ -284,6 +284,9 @@ def _reload_config(service: Service, path: Path) -> None:
     except ConfigError as err:
         _LOG.error("config not reloaded, the running one is kept: %s", err)
         return
+    running = service.settings.logging
+    if settings.logging.format != running.format:
+        configure_logging(settings.logging.level, settings.logging.format)
     service.reload(settings)
 
 

@@ -140,7 +140,8 @@ class MetricsEndpoint:
                 "choose a free port, or metrics.enabled: false "
                 f"(got {port})"
             )
-            raise ConfigError("metrics settings", [problem]) from err
+            source = "metrics settings"
+            raise ConfigError(source, [problem]) from err
         _LOG.info(
             "metrics endpoint listening host=%s port=%d path=/metrics",
             self.settings.host,

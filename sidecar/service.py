@@ -340,6 +340,10 @@ class Service:
             self.pipeline.apply_overrides(OverrideTable(settings.overrides))
             self.pipeline.conditions = settings.conditions
             logging.getLogger().setLevel(settings.logging.level)
+            # What runs now; the next reload is compared with it.
+            self.settings = self.settings.model_copy(
+                update={name: getattr(settings, name) for name in live}
+            )
             _LOG.info(
                 "config applied changed=%s overrides=%d",
                 ",".join(name for name in changed if name in live) or "nothing",

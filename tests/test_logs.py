@@ -61,3 +61,6 @@ def test_run_with_json_logging_writes_one_json_object_per_line(
     assert {"asctime", "levelname", "name", "message"} <= set(records[0])
     assert any(record["name"] == "sidecar.mqtt" for record in records)
     assert any("stopping signal=SIGTERM" in record["message"] for record in records)
+    stopping = next(r for r in records if "stopping signal=" in r["message"])
+    assert stopping["event"] == "stopping"
+    assert stopping["signal"] == "SIGTERM"

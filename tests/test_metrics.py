@@ -97,9 +97,7 @@ def test_metrics_port_taken_is_a_config_error_naming_the_port() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        endpoint = MetricsEndpoint(
-            MetricsSettings(enabled=True, port=port), lambda: {}, {}
-        )
+        endpoint = MetricsEndpoint(MetricsSettings(enabled=True, port=port), dict, {})
 
         with pytest.raises(
             ConfigError, match=rf"metrics\.port: .*:{port} .*got {port}"

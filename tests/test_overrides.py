@@ -271,6 +271,10 @@ def test_run_reloads_config_and_models_without_restart(
         card.write_text(json.dumps(document))
         _wait_for_log(log, "'rf': 'hot-swapped'", RELOAD_TIMEOUT_S)
 
+        as_json = {**with_override, "logging": {"level": "INFO", "format": "json"}}
+        config.write_text(yaml.safe_dump(as_json))
+        _wait_for_log(log, '"changed": "logging"', RELOAD_TIMEOUT_S)
+
         process.send_signal(signal.SIGTERM)
         code = process.wait(EXIT_TIMEOUT_S)
     finally:
