@@ -92,8 +92,8 @@ class ConditionVerdict:
             return self.detail or f"{self.kind.value} condition over after {lasted}"
         if self.kind is ConditionKind.SILENT:
             return (
-                f"no message for {lasted}; usually reports within "
-                f"{_duration(self.expected_s)}"
+                f"no message for {lasted}; expected one within "
+                f"{_duration(self.expected_s)} from its recent rhythm"
             )
         if self.kind is ConditionKind.FROZEN:
             parts = [

@@ -641,7 +641,7 @@ class Pipeline:
             score=math.nan,
             rf_score=math.nan,
             cnn_score=math.nan,
-            topic="",
+            topic=self.router.public_topic(tracked.topic) if tracked.topic else "",
             received_at=at,
             seq=tracked.seq,
             models=self.model_versions,

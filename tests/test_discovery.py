@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -547,12 +548,47 @@ def test_example_automation_acts_on_anomaly_sensors() -> None:
     entity_id = f"binary_sensor.{config['device']['name']}_{config['name'].lower()}"
 
     assert all(a["actions"] for a in automations)
-    assert [t["topic"] for t in mqtt] == ["anomalies/+"]
-    assert mqtt[0]["payload"] == config["payload_on"]
+    assert [t["topic"] for t in mqtt] == ["anomalies/+", "anomalies/+/+"]
+    assert {t["payload"] for t in mqtt} == {config["payload_on"]}
     raised = _verdict("kitchen_fridge", Transition.RAISED).to_json()
     assert _render(mqtt[0]["value_template"], raised) == "raised"
     assert _render(mqtt[0]["value_template"], b"online") == ""
+    condition = ConditionVerdict(
+        "kitchen_fridge", ConditionKind.SILENT, Transition.RAISED, 7200.0, 0.0
+    ).to_json()
+    assert _render(mqtt[1]["value_template"], condition) == "raised"
+    assert _render(mqtt[1]["value_template"], raised) == ""
     assert [(t["entity_id"], t["to"]) for t in states] == [(entity_id, "on")]
+
+
+@pytest.mark.parametrize(("age_s", "passes"), [(5.0, "True"), (3600.0, "False")])
+def test_example_automation_skips_retained_replays_of_old_alarms(
+    age_s: float, passes: str
+) -> None:
+    """Test that a raised verdict replayed on reconnect does not notify again."""
+    automations = yaml.safe_load(
+        (CONFIGS / "homeassistant-automation.yaml").read_text()
+    )
+    template = automations[0]["conditions"][0]["value_template"]
+    now = datetime.now(UTC)
+    verdict = ConditionVerdict(
+        "kitchen_fridge",
+        ConditionKind.SILENT,
+        Transition.RAISED,
+        now.timestamp() - age_s,
+        0.0,
+    )
+    environment = jinja2.Environment()
+    # Home Assistant's own template functions, as it defines them.
+    environment.globals["now"] = lambda: now
+    environment.globals["as_datetime"] = datetime.fromisoformat
+    payload = json.loads(verdict.to_json())
+
+    rendered = environment.from_string(template).render(
+        trigger={"payload_json": payload}
+    )
+
+    assert rendered == passes
 
 
 def test_example_node_red_flow_subscribes_to_verdicts() -> None:
