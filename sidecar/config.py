@@ -55,6 +55,10 @@ MAX_TOPIC_BYTES = 65535
 _SECRET_WORDS = re.compile(r"pass|pas+w|pwd|secret|token|key|cred", re.IGNORECASE)
 # Long enough to name the value, short enough to keep a message readable.
 MAX_VALUE_REPR = 80
+# The deepest real setting is four levels down (overrides[0].mute_windows[0]
+# .start); anything past this is a mistake or an attack, reported before any
+# code walks it recursively.
+MAX_CONFIG_DEPTH = 16
 # chmod(2) permission bits: the file's group, or anyone, may read it. A
 # password in such a file is readable by every other account on the host.
 GROUP_OR_OTHERS_READ = stat.S_IRGRP | stat.S_IROTH
@@ -204,10 +208,12 @@ DEFAULT_TOPIC_RULES: list[dict[str, str]] = [
     _rule(r"(?P<device>[^/]+)/(online|status)", "availability"),
     _rule(r"zigbee2mqtt/(?P<device>.+)", channel=""),
     # tuya-mqtt style bridges (payloads.md section 9): the topic carries the
-    # device's local key and IP; the device is the tuyAPI id alone.
+    # device's local key and IP; the device is the tuyAPI id alone. Whatever
+    # follows them (state, dps, dps/<id>, color, ...) is the channel, so no
+    # suffix lets the key reach a verdict, a key name or a log line.
     _rule(
         r"tuya/(?P<device>[^/]+)/(?P<secret_key>[^/]+)/(?P<secret_ip>[^/]+)"
-        r"/(?P<channel>state|dps(/[^/]+)?)",
+        r"/(?P<channel>.+)",
         channel="{channel}",
     ),
     _rule(r"(tele|stat)/(?P<device>[^/]+)/(?P<channel>.+)", channel="{channel}"),
@@ -492,6 +498,10 @@ def _check_filter(topic_filter: str) -> None:
 def _describe_value(location: tuple[int | str, ...], value: Any) -> str:
     if any(_SECRET_WORDS.search(str(part)) for part in location):
         return "'***'"
+    if location[:1] == ("broker",) and len(location) == 1 and isinstance(value, str):
+        # A whole broker section written as one string is often a URL with
+        # credentials in it (user:password@host).
+        return "a string, not shown: it may hold credentials"
     text = repr(_masked(value))
     if len(text) > MAX_VALUE_REPR:
         text = text[: MAX_VALUE_REPR - 3] + "..."
@@ -569,11 +579,38 @@ def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
             f"(top level): must be a mapping of sections (got {type(data).__name__})"
         )
         raise ConfigError(source, [problem])
+    _check_shape(data, source)
     data = _with_secret_overrides(data)
     try:
         return Settings.model_validate(data)
     except ValidationError as err:
         raise ConfigError(source, _problems(err)) from err
+
+
+def _check_shape(data: Any, source: str) -> None:
+    """Refuse a document nested too deep or holding itself through YAML aliases.
+
+    A YAML anchor can refer to a mapping from inside it (`a: &x {b: [*x]}`),
+    which makes the parsed document endless; validation and masking would
+    recurse until Python gives up, with a traceback full of values.
+    """
+    stack: list[tuple[Any, str, int, frozenset[int]]] = [(data, "", 0, frozenset())]
+    while stack:
+        value, path, depth, above = stack.pop()
+        if not isinstance(value, dict | list):
+            continue
+        where = path or "(top level)"
+        if id(value) in above:
+            problem = f"{where}: a YAML alias refers to a section holding it"
+            raise ConfigError(source, [problem])
+        if depth > MAX_CONFIG_DEPTH:
+            problem = f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels"
+            raise ConfigError(source, [problem])
+        inside = above | {id(value)}
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            child = f"{path}.{key}" if path else str(key)
+            stack.append((item, child, depth + 1, inside))
 
 
 def _with_secret_overrides(data: dict[str, Any]) -> dict[str, Any]:
@@ -615,6 +652,10 @@ def load_settings(path: Path | None) -> Settings:
     except yaml.YAMLError as err:
         problem = f"(file): not valid YAML ({_yaml_problem(err)})"
         raise ConfigError(source, [problem]) from err
+    except RecursionError as err:
+        problem = "(file): nested too deeply for the YAML parser"
+        raise ConfigError(source, [problem]) from err
+    _check_shape(data, source)
     _warn_if_password_exposed(path, data)
     settings = _resolve_paths(settings_from_mapping(data, source), path.parent)
     tls = settings.broker.tls

@@ -266,6 +266,14 @@ def test_settings_from_mapping_bad_broker_section_is_config_error(broker: Any) -
     assert "valid dictionary" in problem
 
 
+def test_config_error_never_shows_a_broker_section_written_as_a_url() -> None:
+    """Test that `broker: user:password@host` is refused without echoing it."""
+    problem = _problem_for(_problems({"broker": "user:hunter2f@host"}), "broker")
+
+    assert "valid dictionary" in problem
+    assert "hunter2f" not in problem
+
+
 def test_load_settings_missing_file_names_the_file(tmp_path: Path) -> None:
     """Test that a missing file is a ConfigError naming the file."""
     path = tmp_path / "absent.yaml"
@@ -454,3 +462,36 @@ def test_load_settings_reports_missing_tls_files(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"broker\.tls\.ca_file: file not found"):
         load_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        pytest.param(
+            "broker: &a {password: hunter2y, port: [*a]}\n",
+            "broker.port.0: a YAML alias",
+            id="alias_inside_itself",
+        ),
+        pytest.param(
+            "brokr: &a {password: hunter2y, x: [*a]}\n",
+            "brokr.x.0: a YAML alias",
+            id="unknown_section_alias",
+        ),
+        pytest.param("a: " + "[" * 40 + "]" * 40 + "\n", "nested deeper", id="deep"),
+        pytest.param("a: " + "[" * 10_000 + "]" * 10_000 + "\n", "", id="very_deep"),
+    ],
+)
+def test_load_settings_endless_or_deep_document_is_a_config_error(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    """Test that recursive aliases and deep nesting are reported, not crashed on."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    message = str(caught.value)
+    assert where in message
+    assert "hunter2y" not in message
+    assert len(message) < 500

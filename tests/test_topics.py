@@ -355,16 +355,27 @@ def test_filter_matches_follows_mqtt_3_1_1(
     assert filter_matches(topic_filter, topic) is expected
 
 
-def test_tuya_bridge_topic_names_the_device_by_id_and_masks_key_and_ip() -> None:
-    """Test payloads.md section 9: the local key and IP never leave the router."""
+@pytest.mark.parametrize(
+    "channel", ["dps", "state", "dps/1", "color", "dps/1/state", "online", "x/y/z"]
+)
+def test_tuya_bridge_topic_names_the_device_by_id_and_masks_key_and_ip(
+    channel: str,
+) -> None:
+    """Test payloads.md section 9: the local key and IP never leave the router.
+
+    Whatever follows the key and IP, they are masked: no suffix may let them
+    through into a channel, a key name, a verdict topic or a log line.
+    """
     router = TopicRouter(Settings().topics, output_prefix="anomalies")
 
-    route = router.route("tuya/bf0123/0f1e2d3c4b5a6978/192.168.1.40/dps")
+    route = router.route(f"tuya/bf0123/0f1e2d3c4b5a6978/192.168.1.40/{channel}")
 
+    assert route.kind is RouteKind.TELEMETRY
     assert route.device == "bf0123"
-    assert route.channel == "dps"
-    assert route.public_topic == "tuya/bf0123/***/***/dps"
+    assert route.channel == channel
+    assert route.public_topic == f"tuya/bf0123/***/***/{channel}"
     assert "0f1e2d3c4b5a6978" not in route.channel + route.device
+    assert "192.168.1.40" not in route.channel + route.device
 
 
 def test_rule_template_may_not_use_a_secret_group() -> None:
