@@ -46,8 +46,9 @@ from sidecar.config import Settings
 from sidecar.detector import LoadedModels
 from sidecar.mqtt import MqttAdapter
 from sidecar.pipeline import WindowScore
-from sidecar.service import SCORES_LEVEL, Service, build_pipeline
+from sidecar.service import Service, build_pipeline
 from sidecar.stream import Message
+from sidecar.topics import SCORES_LEVEL
 
 __all__ = [
     "DETECTORS",

@@ -27,7 +27,7 @@ from typing import Any
 
 from sidecar.config import ConditionSettings
 from sidecar.payload import PayloadKind, Readings
-from sidecar.verdicts import Transition
+from sidecar.verdicts import ORIGIN, Transition
 
 __all__ = [
     "ConditionKind",
@@ -117,6 +117,7 @@ class ConditionVerdict:
     def to_json(self) -> bytes:
         """Encode as the JSON published on `<prefix>/<device>/<kind>`."""
         document: dict[str, Any] = {
+            "origin": ORIGIN,
             "device": self.device,
             "kind": self.kind.value,
             "state": self.state.value,

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.config import HealthSettings
+from sidecar.verdicts import ORIGIN
 
 __all__ = ["DataPathHealth", "ProbeState"]
 
@@ -152,6 +153,7 @@ class DataPathHealth:
                 f"({self.dropped_reported} since it started)"
             )
         document: dict[str, Any] = {
+            "origin": ORIGIN,
             "state": "problem" if problems else "ok",
             "time": datetime.fromtimestamp(now, UTC).isoformat(),
             "probe": self.probe_state,

@@ -21,9 +21,18 @@ from sidecar.mqtt import MqttAdapter
 from sidecar.overrides import FALSE_POSITIVE, FeedbackStore, OverrideTable
 from sidecar.pipeline import BatchResult, Pipeline, WindowScore
 from sidecar.stream import Message
-from sidecar.topics import TopicRouter, device_topic_segment, filter_matches
+from sidecar.topics import (
+    FEEDBACK_LEVEL,
+    HEALTH_LEVEL,
+    PROBE_LEVEL,
+    SCORES_LEVEL,
+    STATUS_LEVEL,
+    TopicRouter,
+    device_topic_segment,
+    filter_matches,
+)
 from sidecar.transport import Transport, TransportFactory
-from sidecar.verdicts import AlarmLifecycle, Verdict
+from sidecar.verdicts import ORIGIN, OWN_OUTPUT_MARK, AlarmLifecycle, Verdict
 
 __all__ = [
     "Service",
@@ -57,13 +66,6 @@ STOP_BATCH_GRACE_S = 2.0
 HELD_MESSAGES_LIMIT = 10_000
 # Counters are logged at INFO this often.
 STATS_INTERVAL_S = 60.0
-# Reserved levels under the output prefix; device segments never start with
-# `_` (see topics.device_topic_segment), so they cannot collide.
-STATUS_LEVEL = "_status"
-SCORES_LEVEL = "_scores"
-HEALTH_LEVEL = "_health"
-PROBE_LEVEL = "_probe"
-FEEDBACK_LEVEL = "_feedback"
 # Feedback messages waiting for the worker; users send a handful a day, so
 # past this the oldest are dropped (deque maxlen), never buffered without end.
 FEEDBACK_QUEUE_SIZE = 1000
@@ -230,7 +232,9 @@ class Service:
             # A discovery config of ours: own output, whatever the rules say.
             counters.own_output += 1
             return
-        if self.pipeline.router.is_own_output(message.topic):
+        if self.pipeline.router.is_own_output(
+            message.topic
+        ) or message.payload.startswith(OWN_OUTPUT_MARK):
             counters.own_output += 1
             if message.topic.startswith(self._feedback_prefix):
                 self._feedback.append(message)
@@ -526,6 +530,7 @@ def _filters(settings: Settings) -> list[str]:
 
 def _score_json(score: WindowScore) -> bytes:
     document = {
+        "origin": ORIGIN,
         "device": score.device,
         "seq": score.seq,
         "rf": round(score.rf, 6),

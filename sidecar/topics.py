@@ -29,6 +29,29 @@ DIGEST_CHARS = 10
 # Reserved segments under the output prefix start with `_`; device segments
 # never do, so a device can never be mistaken for the status or score topics.
 RESERVED_SEGMENT_PREFIX = "_"
+# Reserved levels under the output prefix; device segments never start with
+# `_` (see device_topic_segment), so they cannot collide.
+STATUS_LEVEL = "_status"
+SCORES_LEVEL = "_scores"
+HEALTH_LEVEL = "_health"
+PROBE_LEVEL = "_probe"
+FEEDBACK_LEVEL = "_feedback"
+# A topic with one of them as a level below the first is a copy of our
+# output whose prefix a bridge renamed (alerts/_status for anomalies/_status).
+_RESERVED_LEVEL = re.compile(
+    "/(?:"
+    + "|".join(
+        re.escape(level)
+        for level in (
+            STATUS_LEVEL,
+            SCORES_LEVEL,
+            HEALTH_LEVEL,
+            PROBE_LEVEL,
+            FEEDBACK_LEVEL,
+        )
+    )
+    + ")(?:/|$)"
+)
 MAX_DEVICE_ID_CHARS = 256
 # What replaces a secret topic level wherever the sidecar echoes a topic.
 SECRET_MASK = "***"
@@ -104,7 +127,11 @@ class TopicRouter:
         A bridge with a remote prefix republishes `anomalies/x` as
         `site2/anomalies/x`; that copy is our output too and would otherwise
         feed back into the model without end (pitfalls.md #7). So any topic
-        whose levels contain the prefix's levels is treated as our output.
+        whose levels contain the prefix's levels is treated as our output,
+        and so is any topic with one of our reserved levels (`_status`,
+        `_health`, ...) below its first, which a bridge that renames the
+        prefix keeps. Copies of verdicts under a renamed prefix are known by
+        their payload instead (`verdicts.OWN_OUTPUT_MARK`).
         """
         prefix = self._output_prefix
         return (
@@ -112,6 +139,7 @@ class TopicRouter:
             or topic.startswith(prefix + "/")
             or f"/{prefix}/" in topic
             or topic.endswith("/" + prefix)
+            or _RESERVED_LEVEL.search(topic) is not None
         )
 
     def route(self, topic: str) -> Route:

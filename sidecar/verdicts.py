@@ -11,11 +11,22 @@ from typing import Any
 
 from sidecar.features import KeyDeviation
 
-__all__ = ["AlarmLifecycle", "Transition", "Verdict"]
+__all__ = [
+    "ORIGIN",
+    "OWN_OUTPUT_MARK",
+    "AlarmLifecycle",
+    "Transition",
+    "Verdict",
+]
 
 # Keys whose values are personal data (OwnTracks positions, payloads.md
 # section 7): a verdict names them but never carries their values.
 PRIVATE_KEYS = frozenset({"lat", "lon", "latitude", "longitude"})
+# Every JSON document the sidecar publishes opens with this field, so a copy
+# that comes back under any topic (a bridge or an echo that renames the
+# prefix) is still known as output and never read as a device's telemetry.
+ORIGIN = "anomaly-sidecar"
+OWN_OUTPUT_MARK = b'{"origin":"anomaly-sidecar"'
 # Rounding keeps verdicts short; scores and baselines need no more digits.
 SCORE_DIGITS = 4
 
@@ -157,6 +168,7 @@ class Verdict:
                 }
             )
         document = {
+            "origin": ORIGIN,
             "device": self.device,
             "state": self.state.value,
             "score": _rounded(self.score),

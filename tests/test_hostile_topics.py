@@ -80,7 +80,7 @@ def test_verdict_topic_never_leaves_the_output_prefix(device: str) -> None:
     [
         "kitchen/../../etc",
         "$SYS",
-        "_status",
+        "_status_plug",
         "a" * 250,
         "space and \u00fcmlaut",
         "emoji\U0001f525plug",

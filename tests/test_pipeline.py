@@ -57,6 +57,10 @@ def test_pipeline_skips_retained_replays_of_tracked_devices(
         "anomalies/fridge_plug",
         "site2/anomalies/fridge_plug",
         "site2/anomalies/_scores/fridge_plug",
+        "alerts/_status",
+        "alerts/_health",
+        "alerts/_feedback/fridge_plug",
+        "alerts/_scores/fridge_plug",
         "remote/anomalies",
     ],
 )

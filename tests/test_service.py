@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from mqtt_helpers import BrokerAddress, MessageCollector, ReceivedMessage, publish
+from paho.mqtt.enums import CallbackAPIVersion
 
 from sidecar.conditions import ConditionKind, ConditionVerdict
 from sidecar.config import Settings, settings_from_mapping
@@ -128,6 +131,58 @@ def test_service_raises_once_while_in_alarm(
     # The verdict came back to the sidecar through its `#` subscription.
     assert counters["own_output"] >= 1
     assert counters["devices_tracked"] == 1
+
+
+@contextlib.contextmanager
+def _echo(broker: BrokerAddress, source: str, target: str) -> Iterator[list[str]]:
+    """Republish everything under `source/` as `target/`, as a renaming bridge.
+
+    Yields the topics republished so far.
+    """
+    echoed: list[str] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"echo-{uuid.uuid4()}")
+    subscribed = threading.Event()
+
+    def on_message(client: mqtt.Client, userdata: Any, message: Any) -> None:
+        topic = target + message.topic[len(source) :]
+        echoed.append(topic)
+        client.publish(topic, message.payload, qos=1)
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.connect(broker.host, broker.port)
+    client.subscribe(f"{source}/#", qos=1)
+    client.loop_start()
+    try:
+        assert subscribed.wait(CONNECT_TIMEOUT_S)
+        yield echoed
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_service_never_scores_its_output_echoed_under_a_renamed_prefix(
+    broker: BrokerAddress, always_alarm: Service
+) -> None:
+    """Test pitfalls.md #7 with a bridge that maps anomalies/# to alerts/#.
+
+    Copies of verdicts, status and health come back on topics the generic
+    rule would read as devices; they are known as output by their payload
+    or their reserved level and never tracked, parsed or scored.
+    """
+    with _echo(broker, "anomalies", "alerts") as echoed:
+        _publish_readings(broker, "zigbee2mqtt/fridge_plug", MESSAGES_TO_SCORE)
+        deadline = time.monotonic() + VERDICT_TIMEOUT_S
+        while "alerts/fridge_plug" not in echoed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+
+    counters = always_alarm.counters
+    assert "alerts/fridge_plug" in echoed
+    assert counters["devices_tracked"] == 1
+    # Only the readings reached the pipeline: no echo was parsed as telemetry.
+    assert counters["processed"] == MESSAGES_TO_SCORE
+    assert counters["own_output"] >= 2 * len(echoed)
 
 
 @pytest.mark.parametrize(
