@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sidecar.config import Settings, load_settings
+from sidecar.config import Settings, check_model_files, load_settings
 from sidecar.detector import load_cascade
 from sidecar.errors import ConfigError, SidecarError
 from sidecar.logs import configure_logging
@@ -201,6 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         settings = _settings(args.config)
+        check_model_files(settings, str(args.config or "<defaults>"))
         models = load_cascade(
             settings.models, settings.detection, settings.window.length
         )
@@ -385,7 +386,7 @@ def _broker(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         # Validated here first, so a config error reads as one, with exit 2.
-        _settings(args.config)
+        check_model_files(_settings(args.config), str(args.config or "<defaults>"))
         options = {"config_file": str(args.config) if args.config else None}
         plugins = {"sidecar.plugin.SidecarPlugin": options}
         with EmbeddedBroker(args.host, args.port, plugins=plugins):

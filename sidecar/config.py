@@ -37,6 +37,7 @@ __all__ = [
     "SubscribeSettings",
     "TlsSettings",
     "TopicRule",
+    "check_model_files",
     "load_settings",
     "settings_from_mapping",
 ]
@@ -668,6 +669,33 @@ def load_settings(path: Path | None) -> Settings:
         if missing:
             raise ConfigError(source, missing)
     return settings
+
+
+def check_model_files(settings: Settings, source: str) -> None:
+    """Check that `models.directory` holds the two model files it names.
+
+    Only the commands that serve the models call this (`run`, `broker`), so
+    `record` and `train` work with any models setting. A relative directory
+    was resolved against the config file's folder, which is the usual reason
+    a copied config misses the shipped models; the message says so.
+
+    Raises:
+        ConfigError: Naming `models.directory`, what it is and what it lacks.
+    """
+    models = settings.models
+    missing = [
+        name
+        for name in (models.rf, models.cnn)
+        if not (models.directory / name).is_file()
+    ]
+    if missing:
+        problem = (
+            f"models.directory: holds no {' or '.join(missing)} "
+            f"(got '{models.directory.resolve()}'); allowed: a folder with "
+            "both model files and their .card.json files, a relative path "
+            "being read from the config file's folder"
+        )
+        raise ConfigError(source, [problem])
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from sidecar.calibration import Calibration, DeviceCalibration, calibrated
 from sidecar.config import DetectionSettings, ModelSettings
-from sidecar.errors import ModelLoadError
+from sidecar.errors import ConfigError, ModelLoadError
 from sidecar.features import CNN_CHANNELS, FEATURE_NAMES, FeatureSpec
 
 __all__ = [
@@ -324,11 +324,13 @@ def load_cascade(
         reason = "its channel list differs from this sidecar's feature code"
         raise ModelLoadError(str(cnn.path), reason)
     if spec.window != window_length:
-        reason = (
-            f"trained on windows of {spec.window} messages but window.length "
-            f"is {window_length}; set window.length: {spec.window}"
+        problem = (
+            f"window.length: the models in {models.directory} were trained on "
+            f"windows of {spec.window} messages (got {window_length}); "
+            f"allowed: {spec.window}"
         )
-        raise ModelLoadError(str(rf.path), reason)
+        source = "the configuration"
+        raise ConfigError(source, [problem])
 
     def chosen(configured: float | None, card: ModelCard, use: str) -> Threshold:
         return Threshold(card.threshold(use) if configured is None else configured)

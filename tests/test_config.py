@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
+from sidecar.__main__ import EXIT_CONFIG, main
 from sidecar.config import (
+    DEFAULT_MODELS_DIR,
     ENV_PASSWORD,
     ENV_USERNAME,
     Settings,
@@ -495,3 +497,38 @@ def test_load_settings_endless_or_deep_document_is_a_config_error(
     assert where in message
     assert "hunter2y" not in message
     assert len(message) < 500
+
+
+def test_run_with_a_copied_config_that_misses_the_models_names_the_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config copied away from configs/ keeps `../models`, now pointing nowhere."""
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "my.yaml"
+    config.write_text("models:\n  directory: ../models\n", encoding="utf-8")
+
+    code = main(["run", "--config", str(config)])
+
+    error = capsys.readouterr().err
+    assert code == EXIT_CONFIG
+    assert "models.directory: holds no rf.onnx or cnn.onnx" in error
+    assert f"(got '{tmp_path / 'models'}')" in error
+    assert "relative path being read from the config file's folder" in error
+    assert "Traceback" not in error
+
+
+def test_run_with_a_window_the_models_were_not_trained_on_names_window_length(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "short.yaml"
+    config.write_text(
+        f"models:\n  directory: {DEFAULT_MODELS_DIR}\nwindow:\n  length: 16\n",
+        encoding="utf-8",
+    )
+
+    code = main(["run", "--config", str(config)])
+
+    error = capsys.readouterr().err
+    assert code == EXIT_CONFIG
+    assert "window.length: the models in" in error
+    assert "(got 16); allowed: 32" in error
