@@ -238,7 +238,10 @@ def _serve(service: Service, config: Path | None) -> None:
             _LOG.info("reloading signal=SIGHUP")
         if (hangup or config_watch.settled_change()) and config is not None:
             _reload_config(service, config)
-        if hangup or model_watch.settled_change():
+        # SIGHUP reloads the models only when their files changed since they
+        # were loaded: swapping in the same pair again would reset every
+        # device's score calibration for nothing.
+        if model_watch.settled_change() or (hangup and model_watch.changed()):
             _reload_models(service)
             model_watch = _FileWatch(_model_files(service.settings))
 
@@ -261,6 +264,10 @@ class _FileWatch:
             else:
                 stamps.append((status.st_mtime, status.st_size))
         return tuple(stamps)
+
+    def changed(self) -> bool:
+        """Whether the files differ from when they were last applied."""
+        return self._stamp() != self._applied
 
     def settled_change(self) -> bool:
         stamp = self._stamp()
