@@ -555,15 +555,22 @@ class DeviceState:
         return WindowFeatures(vectors[0], windows[0])
 
     def deviations(self, limit: int = 3) -> list[KeyDeviation]:
-        """Return the keys whose latest readings stray furthest from baseline."""
-        latest = self._values[(self._pos - 1) % self.spec.window]
+        """Return the keys whose readings in the window stray furthest from baseline.
+
+        Each key is judged by its furthest reading in the window, not only
+        its latest: a plug flipping between 0 and 3000 W is as likely to be
+        at 0 when its alarm is raised, and a verdict whose reason then names
+        a key that merely wobbled (`linkquality`) misleads whoever reads it.
+        """
         found = []
         for index, key in enumerate(self._names):
             stats = self._key_baselines[index].stats
-            value = float(latest[index])
-            if stats.n < 2 or math.isnan(value):
+            column = self._values[:, index]
+            column = column[~np.isnan(column)]
+            if stats.n < 2 or column.size == 0:
                 continue
             spread = stats.spread()
+            value = float(column[np.argmax(np.abs(column - stats.mean))])
             z = (value - stats.mean) / spread
             found.append(KeyDeviation(key, value, stats.mean, spread, z))
         found.sort(key=lambda deviation: -abs(deviation.z))

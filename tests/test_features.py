@@ -322,3 +322,18 @@ def test_device_state_features_are_deterministic() -> None:
     first, second = results
     assert np.array_equal(first.vector, second.vector)
     assert np.array_equal(first.window, second.window)
+
+
+def test_device_state_deviations_name_the_key_that_strayed_in_the_window() -> None:
+    """A reading far off earlier in the window outranks the latest's small wobble."""
+    state = _warmed_state()
+    time_s = (SPEC.warmup + 1) * PERIOD_S
+    spike = json.dumps({"temperature": 35.0, "linkquality": 120}).encode()
+    calm = json.dumps({"temperature": 21.0, "linkquality": 150}).encode()
+    _feed(state, [(spike, time_s), (calm, time_s + PERIOD_S)])
+
+    top = state.deviations()[0]
+
+    assert top.key == "temperature"
+    assert top.value == 35.0
+    assert top.z >= 20.0
