@@ -22,12 +22,21 @@ from pathlib import Path
 from sidecar.config import FeedbackSettings, MuteWindow, Override
 from sidecar.topics import filter_matches
 
-__all__ = ["NO_RULES", "DeviceRules", "FeedbackStore", "OverrideTable"]
+__all__ = [
+    "FALSE_POSITIVE",
+    "NO_RULES",
+    "RESET",
+    "DeviceRules",
+    "FeedbackStore",
+    "OverrideTable",
+]
 
 _LOG = logging.getLogger(__name__)
 
-# What a user publishes on the feedback topic to mark the last alarm wrong.
+# What a user publishes on the feedback topic to mark the last alarm wrong,
+# and to take back every mark of a device.
 FALSE_POSITIVE = b"false_positive"
+RESET = b"reset"
 # Where per-user state lives when the config names no file (XDG base
 # directory specification: $XDG_STATE_HOME, default ~/.local/state).
 STATE_DIR_NAME = "anomaly-sidecar"
@@ -144,6 +153,13 @@ class FeedbackStore:
         self._marks[device] = self._marks.get(device, 0) + 1
         self._save()
         return self._marks[device]
+
+    def reset(self, device: str) -> int:
+        """Forget a device's marks and save; return how many there were."""
+        marks = self._marks.pop(device, 0)
+        if marks:
+            self._save()
+        return marks
 
     def _load(self) -> None:
         try:

@@ -522,6 +522,25 @@ class Pipeline:
             )
         ]
 
+    def reset_feedback(self, segment: str) -> None:
+        """Take back every false-positive mark of the device behind a topic level.
+
+        Its fused threshold is the configured one again from its next window.
+        Marks of a device not tracked now are kept (its id is not known from
+        the topic level alone, which is made safe for MQTT).
+        """
+        if self.feedback is None:
+            return
+        device = next(
+            (name for name in self._devices if device_topic_segment(name) == segment),
+            None,
+        )
+        if device is None:
+            _LOG.warning("feedback reset for an unknown device segment=%r", segment)
+            return
+        marks = self.feedback.reset(device)
+        _LOG.info("false positive marks reset device=%r marks=%d", device, marks)
+
     def adopt(self, level: str, payload: bytes, at: float) -> BatchResult:
         """Take over an alarm a previous run left retained under the prefix.
 

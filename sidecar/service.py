@@ -18,7 +18,7 @@ from sidecar.discovery import Discovery
 from sidecar.health import DataPathHealth
 from sidecar.metrics import MetricsEndpoint
 from sidecar.mqtt import MqttAdapter
-from sidecar.overrides import FALSE_POSITIVE, FeedbackStore, OverrideTable
+from sidecar.overrides import FALSE_POSITIVE, RESET, FeedbackStore, OverrideTable
 from sidecar.pipeline import BatchResult, Pipeline, WindowScore
 from sidecar.stream import Message
 from sidecar.topics import (
@@ -396,11 +396,16 @@ class Service:
         while self._feedback:
             message = self._feedback.popleft()
             segment = message.topic[len(self._feedback_prefix) :]
-            if message.payload.strip().lower() != FALSE_POSITIVE:
+            word = message.payload.strip().lower()
+            if word == RESET:
+                self.pipeline.reset_feedback(segment)
+                continue
+            if word != FALSE_POSITIVE:
                 _LOG.warning(
-                    "feedback not understood segment=%r; publish %s",
+                    "feedback not understood segment=%r; publish %s or %s",
                     segment,
                     FALSE_POSITIVE.decode(),
+                    RESET.decode(),
                 )
                 continue
             cleared = self.pipeline.mark_false_positive(segment, time.time())

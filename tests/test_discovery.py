@@ -591,14 +591,36 @@ def test_example_automation_skips_retained_replays_of_old_alarms(
     assert rendered == passes
 
 
+def test_example_automation_message_names_a_score_only_where_there_is_one() -> None:
+    """Condition verdicts carry no score; their notification does not show one."""
+    automations = yaml.safe_load(
+        (CONFIGS / "homeassistant-automation.yaml").read_text()
+    )
+    template = automations[0]["actions"][0]["data"]["message"]
+    silent = ConditionVerdict(
+        "kitchen_fridge", ConditionKind.SILENT, Transition.RAISED, 1.8e9, 0.0
+    )
+    environment = jinja2.Environment()
+
+    rendered = environment.from_string(template).render(
+        trigger={"payload_json": json.loads(silent.to_json())}
+    )
+
+    assert "score" not in rendered
+    assert json.loads(silent.to_json())["time"] in rendered
+
+
 def test_example_node_red_flow_subscribes_to_verdicts() -> None:
-    """Test that the shipped flow parses and passes on raised verdicts only."""
+    """Test that the shipped flow passes on fresh raised verdicts and conditions."""
     nodes = json.loads((CONFIGS / "node-red-flow.json").read_text())
     by_id = {node["id"]: node for node in nodes}
     mqtt_in = [n for n in nodes if n["type"] == "mqtt in"]
     on_state = [n for n in nodes if n.get("property") == "payload.state"]
+    on_retain = [n for n in nodes if n.get("property") == "retain"]
 
-    assert [n["topic"] for n in mqtt_in] == ["anomalies/+"]
+    # `#` also reaches anomalies/<device>/<kind>, the condition verdicts.
+    assert [n["topic"] for n in mqtt_in] == ["anomalies/#"]
+    assert [n["rules"] for n in on_retain] == [[{"t": "false"}]]
     assert all(by_id[n["broker"]]["type"] == "mqtt-broker" for n in mqtt_in)
     assert [n["type"] for n in on_state] == ["switch"]
     assert on_state[0]["rules"] == [{"t": "eq", "v": "raised", "vt": "str"}]
@@ -612,6 +634,7 @@ def test_example_node_red_flow_subscribes_to_verdicts() -> None:
         reached.add(node["id"])
         frontier += [t for ts in node.get("wires", []) for t in ts if t not in reached]
     assert on_state[0]["id"] in reached
+    assert on_retain[0]["id"] in reached
     assert any(by_id[n]["type"] == "debug" for n in reached)
 
 

@@ -163,6 +163,25 @@ def test_false_positive_mark_clears_raises_threshold_and_persists(
     assert FeedbackStore(settings.feedback).marks("plug") == 1
 
 
+def test_feedback_reset_takes_back_the_marks_and_the_device_alarms_again(
+    tmp_path: Path,
+) -> None:
+    """Test that `reset` forgets a device's marks, in memory and on disk."""
+    state_file = tmp_path / "fb.json"
+    pipeline = _pipeline(
+        tmp_path, feedback={"step": 1.0, "state_file": str(state_file)}
+    )
+    assert _raised(pipeline, "zigbee2mqtt/plug") == ["plug"]
+    pipeline.mark_false_positive("plug", 1000.0)
+
+    pipeline.reset_feedback("plug")
+    again = pipeline.process(_readings("zigbee2mqtt/plug", start=1000.0)).verdicts
+
+    assert [(v.device, v.state) for v in again] == [("plug", Transition.RAISED)]
+    settings = settings_from_mapping({"feedback": {"state_file": str(state_file)}})
+    assert FeedbackStore(settings.feedback).marks("plug") == 0
+
+
 def test_feedback_store_survives_a_broken_file(tmp_path: Path) -> None:
     """Test that an unreadable feedback file starts empty instead of failing."""
     path = tmp_path / "fb.json"
