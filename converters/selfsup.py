@@ -188,6 +188,10 @@ CALIBRATION = Calibration(windows=0)
 # Parts a seed is derived for, so training and tuning copies never coincide.
 _PARTS = {"train": 0, "tuning": 1}
 TRAINING_MODE = "self-supervised"
+# A recording shorter than a day misses a home's daily rhythm (heating, the
+# evening's plugs, night-time quiet): what it did not see is an anomaly to
+# the models trained on it. Below this, training goes on with a warning.
+RECOMMENDED_RECORDING_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -665,7 +669,22 @@ def load_recording(
         sum(len(stream) for stream in streams.values()),
         skipped,
     )
+    _warn_if_short(streams)
     return streams
+
+
+def _warn_if_short(streams: Mapping[str, Sequence[LabeledMessage]]) -> None:
+    """Warn when the recording spans less than a day; its models will flap."""
+    times = [item.message.received_at for stream in streams.values() for item in stream]
+    span = max(times) - min(times) if times else 0.0
+    if span < RECOMMENDED_RECORDING_S:
+        _LOG.warning(
+            "recording spans hours=%.1f, less than the recommended %.0f: models "
+            "trained on it take every rhythm it did not see for an anomaly and "
+            "raise false alarms; record at least a day of normal traffic",
+            span / 3600,
+            RECOMMENDED_RECORDING_S / 3600,
+        )
 
 
 def normal_streams(

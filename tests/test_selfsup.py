@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -171,6 +172,24 @@ def test_load_recording_groups_telemetry_by_device(tmp_path: Path) -> None:
     assert sorted(streams) == ["hall", "plug"]
     assert [item.message.received_at for item in streams["hall"]] == [10.0, 20.0]
     assert all(item.label == 0 for item in streams["hall"] + streams["plug"])
+
+
+@pytest.mark.parametrize(("span_s", "warned"), [(3600.0, True), (90_000.0, False)])
+def test_load_recording_warns_when_it_spans_less_than_a_day(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, span_s: float, warned: bool
+) -> None:
+    """Test that a short recording is named as one before its models flap."""
+    lines = [
+        {"time": at, "topic": "zigbee2mqtt/hall", "payload": '{"temperature": 20}'}
+        for at in (0.0, span_s)
+    ]
+    path = tmp_path / "home.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), "utf-8")
+
+    with caplog.at_level(logging.WARNING, logger="converters.selfsup"):
+        load_recording(path)
+
+    assert ("record at least a day" in caplog.text) is warned
 
 
 def test_load_recording_names_the_line_it_cannot_read(tmp_path: Path) -> None:
