@@ -196,6 +196,11 @@ DEFAULT_TOPIC_RULES: list[dict[str, str]] = [
     _rule(r"\$.*", "ignore"),
     _rule(r"homeassistant/status", "ignore"),
     _rule(r"homeassistant/.+/config", "ignore"),
+    # The bridge's own availability: when zigbee2mqtt stops, one offline
+    # verdict for the bridge says why its devices fall silent one by one.
+    _rule(
+        r"(?P<base>zigbee2mqtt)/bridge/state", "availability", device="{base}/bridge"
+    ),
     _rule(r"zigbee2mqtt/bridge(/.*)?", "ignore"),
     _rule(r"shellies/(announce|command)", "ignore"),
     _rule(r"cmnd/.*", "ignore"),

@@ -220,6 +220,7 @@ def test_silence_not_judged_before_the_rhythm_is_learned(
             b'{"state":"offline"}',
             b'{"state":"online"}',
         ),
+        ("zigbee2mqtt/bridge/state", b'{"state":"offline"}', b'{"state":"online"}'),
         ("zigbee2mqtt/door/availability", b"offline", b"online"),
         ("tele/door/LWT", b"Offline", b"Online"),
         ("shellies/door/online", b"false", b"true"),
@@ -241,9 +242,10 @@ def test_offline_announcement_raises_and_online_clears(
         ],
     )
 
+    device = "zigbee2mqtt/bridge" if "bridge" in topic else "door"
     assert [(v.device, v.kind, v.state) for v in found] == [
-        ("door", ConditionKind.OFFLINE, Transition.RAISED),
-        ("door", ConditionKind.OFFLINE, Transition.CLEARED),
+        (device, ConditionKind.OFFLINE, Transition.RAISED),
+        (device, ConditionKind.OFFLINE, Transition.CLEARED),
     ]
     assert found[1].at - found[1].since == 60.0
 

@@ -115,10 +115,19 @@ def test_topic_router_default_rules_route_ecosystems(
     assert router.route(topic) == expected
 
 
+def test_topic_router_zigbee2mqtt_bridge_state_is_the_bridge_availability(
+    router: TopicRouter,
+) -> None:
+    """The bridge going offline is one announcement, not silence device by device."""
+    route = router.route("zigbee2mqtt/bridge/state")
+
+    assert route.kind is RouteKind.AVAILABILITY
+    assert route.device == "zigbee2mqtt/bridge"
+
+
 @pytest.mark.parametrize(
     "topic",
     [
-        "zigbee2mqtt/bridge/state",
         "zigbee2mqtt/bridge/devices",
         "zigbee2mqtt/bridge/logging",
         "zigbee2mqtt/bridge/request/permit_join",
