@@ -53,6 +53,7 @@ __all__ = [
     "Discovery",
     "Sensor",
     "device_object_id",
+    "health_sensor",
     "own_config_pattern",
     "removal_topics",
     "sensors_for",
@@ -75,6 +76,8 @@ DIGEST_CHARS = 10
 # The object id of the sidecar's own sensor. Device object ids always end in
 # `_<digest>_<kind>`, so none can take it.
 STATUS_OBJECT_ID = "status"
+# The object id of its data-path health sensor (anomalies/_health).
+HEALTH_OBJECT_ID = "data_path"
 # Home Assistant's binary sensor device classes (binary_sensor/__init__.py).
 PROBLEM_CLASS = "problem"
 CONNECTIVITY_CLASS = "connectivity"
@@ -86,6 +89,10 @@ CLEARED = "cleared"
 ONLINE = "online"
 OFFLINE = "offline"
 STATE_TEMPLATE = "{{ value_json.state }}"
+# The health document's states (sidecar.health) and what it holds worth showing.
+HEALTH_PROBLEM = "problem"
+HEALTH_OK = "ok"
+HEALTH_ATTRIBUTES = ("problems", "probe", "broker_dropped_total", "time")
 # Attributes are a few chosen fields, not the whole verdict: evidence lists
 # would bloat Home Assistant's state history for nothing.
 VERDICT_ATTRIBUTES = ("score", "reason", "time", "topic")
@@ -172,6 +179,35 @@ def status_sensor(discovery: DiscoverySettings, output: OutputSettings) -> Senso
         "origin": _origin(),
     }
     return Sensor(_config_topic(discovery, STATUS_OBJECT_ID), config)
+
+
+def health_sensor(discovery: DiscoverySettings, output: OutputSettings) -> Sensor:
+    """The sidecar's data-path sensor: on while `<prefix>/_health` says problem.
+
+    It is what tells a Home Assistant user that the broker stopped delivering
+    to the sidecar or dropped messages, which no device sensor can show.
+    """
+    common = {
+        "device_class": PROBLEM_CLASS,
+        "entity_category": DIAGNOSTIC,
+        "value_template": STATE_TEMPLATE,
+        "payload_on": HEALTH_PROBLEM,
+        "payload_off": HEALTH_OK,
+        "availability_topic": f"{output.prefix}/_status",
+        "payload_available": ONLINE,
+        "payload_not_available": OFFLINE,
+        "qos": output.qos,
+        "device": {"identifiers": [discovery.node_id]},
+        "origin": _origin(),
+    }
+    return _sensor(
+        discovery,
+        HEALTH_OBJECT_ID,
+        "Data path",
+        f"{output.prefix}/_health",
+        HEALTH_ATTRIBUTES,
+        common,
+    )
 
 
 def sensors_for(
@@ -410,9 +446,12 @@ class Discovery:
 
     def _flush(self) -> None:
         if self._status_pending:
-            sensor = status_sensor(self.settings, self.output)
-            self._status_pending = not self._publish(
-                sensor.topic, sensor.payload(), True
+            own = (
+                status_sensor(self.settings, self.output),
+                health_sensor(self.settings, self.output),
+            )
+            self._status_pending = not all(
+                self._publish(sensor.topic, sensor.payload(), True) for sensor in own
             )
         for _ in range(min(DEVICES_PER_PASS, len(self._pending))):
             device, wanted = next(iter(self._pending.items()))

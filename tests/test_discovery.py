@@ -33,13 +33,20 @@ from sidecar.discovery import (
     Discovery,
     Sensor,
     device_object_id,
+    health_sensor,
     removal_topics,
     sensors_for,
     status_sensor,
     zigbee_addresses,
 )
 from sidecar.errors import ConfigError
-from sidecar.service import Service, condition_topic, status_topic, verdict_topic
+from sidecar.service import (
+    Service,
+    condition_topic,
+    health_topic,
+    status_topic,
+    verdict_topic,
+)
 from sidecar.verdicts import Transition, Verdict
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -274,6 +281,18 @@ def test_status_sensor_meets_what_home_assistant_requires() -> None:
     assert sensor.config["device_class"] == "connectivity"
 
 
+def test_health_sensor_meets_what_home_assistant_requires_and_reads_health() -> None:
+    """Test that the data-path sensor is on exactly while _health says problem."""
+    sensor = health_sensor(DiscoverySettings(), OutputSettings())
+    config = sensor.config
+    template = jinja2.Environment().from_string(config["value_template"])
+
+    assert home_assistant_problems(sensor) == []
+    assert config["state_topic"] == health_topic("anomalies")
+    assert template.render(value_json={"state": "problem"}) == config["payload_on"]
+    assert template.render(value_json={"state": "ok"}) == config["payload_off"]
+
+
 def test_sensors_for_points_at_the_real_verdict_and_status_topics() -> None:
     """Test that state, attributes and availability are the topics published."""
     anomaly, *conditions = _sensors("living room/floor lamp")
@@ -499,8 +518,9 @@ def test_discovery_sends_a_large_fleet_in_slices() -> None:
     discovery.tick(1, True, lambda: devices)
 
     per_device = len(_sensors("plug_0"))
-    assert first == 1 + DEVICES_PER_PASS * per_device
-    assert len(recorder.sent) == 1 + len(devices) * per_device
+    own = 2  # the sidecar's status and data-path sensors
+    assert first == own + DEVICES_PER_PASS * per_device
+    assert len(recorder.sent) == own + len(devices) * per_device
 
 
 def test_discovery_relinks_devices_when_zigbee2mqtt_names_them() -> None:
