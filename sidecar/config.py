@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -108,18 +109,20 @@ class BrokerSettings(_Frozen):
     persistent_session: bool = False
 
 
+def _valid_filter(topic_filter: str) -> str:
+    _check_filter(topic_filter)
+    return topic_filter
+
+
+_TopicFilter = Annotated[str, AfterValidator(_valid_filter)]
+
+
 class SubscribeSettings(_Frozen):
     """Which topics to consume. The output prefix is always excluded."""
 
-    include: Annotated[list[str], Field(min_length=1)] = ["#"]
-    exclude: list[str] = []
-
-    @field_validator("include", "exclude")
-    @classmethod
-    def _valid_filters(cls, filters: list[str]) -> list[str]:
-        for topic_filter in filters:
-            _check_filter(topic_filter)
-        return filters
+    # Each filter is checked on its own, so every bad one is reported.
+    include: Annotated[list[_TopicFilter], Field(min_length=1)] = ["#"]
+    exclude: list[_TopicFilter] = []
 
 
 class OutputSettings(_Frozen):

@@ -93,8 +93,8 @@ def test_settings_from_mapping_reports_every_problem_at_once() -> None:
         "brokr",
         "limits.queue_size",
         "output.prefix",
-        "subscribe.exclude",
-        "subscribe.include",
+        "subscribe.exclude.0",
+        "subscribe.include.0",
         "topics.0.pattern",
     ]
 
@@ -125,14 +125,14 @@ def test_settings_from_mapping_reports_every_problem_at_once() -> None:
         ),
         (
             {"subscribe": {"include": ["a/#/b"]}},
-            "subscribe.include",
-            "['a/#/b']",
+            "subscribe.include.0",
+            "'a/#/b'",
             "'#' must be the last whole level",
         ),
         (
             {"subscribe": {"exclude": ["tele/plug+"]}},
-            "subscribe.exclude",
-            "['tele/plug+']",
+            "subscribe.exclude.0",
+            "'tele/plug+'",
             "'+' must fill a whole level",
         ),
         ({"brokr": {"host": "h"}}, "brokr", "{'host': 'h'}", "unknown key"),
@@ -532,3 +532,14 @@ def test_run_with_a_window_the_models_were_not_trained_on_names_window_length(
     assert code == EXIT_CONFIG
     assert "window.length: the models in" in error
     assert "(got 16); allowed: 32" in error
+
+
+def test_settings_from_mapping_reports_every_bad_subscribe_filter() -> None:
+    problems = _problems(
+        {"subscribe": {"include": ["a/#/b", "x+", "ok/#"], "exclude": ["+bad"]}}
+    )
+
+    assert "'a/#/b'" in _problem_for(problems, "subscribe.include.0")
+    assert "'x+'" in _problem_for(problems, "subscribe.include.1")
+    assert "'+bad'" in _problem_for(problems, "subscribe.exclude.0")
+    assert len(problems) == 3
