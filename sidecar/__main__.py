@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +37,10 @@ HELD_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 BYTES_PER_MB = 1_000_000
 # How often `run` looks at the config and model files for changes.
 RELOAD_POLL_S = 2.0
+# How long `run` waits for a signal between looks at the signals a handler
+# caught on another thread (see `_catch_stray_signals`): a stop request that
+# lands there is acted on within this.
+SIGNAL_POLL_S = 0.25
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
@@ -194,10 +200,12 @@ def _settings(path: Path | None) -> Settings:
 def _run(args: argparse.Namespace) -> int:
     from sidecar.service import Service
 
-    # Blocked before any thread starts (paho's, the worker, onnxruntime's),
-    # so every thread inherits the mask and SIGTERM/SIGINT wait for sigwait
-    # below instead of interrupting whatever runs: no KeyboardInterrupt
-    # traceback, and a signal during start-up still ends in a clean stop.
+    # Blocked before the threads this command starts (paho's, the worker,
+    # onnxruntime's), so they inherit the mask and SIGTERM/SIGINT wait for
+    # sigwait below instead of interrupting whatever runs: no
+    # KeyboardInterrupt traceback, and a signal during start-up still ends
+    # in a clean stop. Threads started at import are caught by a handler.
+    caught = _catch_stray_signals(HELD_SIGNALS)
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         settings = _settings(args.config)
@@ -208,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
         service = Service(settings, models)
         service.start()
         try:
-            _serve(service, args.config)
+            _serve(service, args.config, caught)
         finally:
             service.stop()
     finally:
@@ -216,7 +224,36 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _serve(service: Service, config: Path | None) -> None:
+def _catch_stray_signals(signals: set[signal.Signals]) -> collections.deque[int]:
+    """Catch signals delivered to threads that do not block them; return them.
+
+    Threads started while modules were imported (numpy's BLAS pool, for
+    one) existed before `run` blocked its signals, so a signal may be
+    delivered to one of them whenever the main thread is not waiting in
+    sigtimedwait, as during a reload. At the default action that ended the
+    process. A handler instead notes the signal for the main thread's loop.
+    """
+    caught: collections.deque[int] = collections.deque()
+    for signum in signals:
+        signal.signal(signum, lambda number, _frame: caught.append(number))
+    return caught
+
+
+def _next_signal(
+    signals: set[signal.Signals], caught: collections.deque[int], timeout: float
+) -> int | None:
+    """The next of `signals` sent to the process, waiting at most `timeout` s."""
+    if caught:
+        return caught.popleft()
+    info = signal.sigtimedwait(signals, timeout)
+    if info is not None:
+        return info.si_signo
+    return caught.popleft() if caught else None
+
+
+def _serve(
+    service: Service, config: Path | None, caught: collections.deque[int]
+) -> None:
     """Wait for a stop signal; meanwhile reload on SIGHUP or when files change.
 
     The config file and the model files are polled (their size and mtime)
@@ -228,12 +265,16 @@ def _serve(service: Service, config: Path | None) -> None:
     config_files = [config] if config is not None else []
     config_watch = _FileWatch(config_files)
     model_watch = _FileWatch(_model_files(service.settings))
+    next_poll = time.monotonic() + RELOAD_POLL_S
     while True:
-        info = signal.sigtimedwait(HELD_SIGNALS, RELOAD_POLL_S)
-        if info is not None and info.si_signo in STOP_SIGNALS:
-            _LOG.info("stopping signal=%s", signal.Signals(info.si_signo).name)
+        signum = _next_signal(HELD_SIGNALS, caught, SIGNAL_POLL_S)
+        if signum in STOP_SIGNALS:
+            _LOG.info("stopping signal=%s", signal.Signals(signum).name)
             return
-        hangup = info is not None
+        hangup = signum is not None
+        if not hangup and time.monotonic() < next_poll:
+            continue
+        next_poll = time.monotonic() + RELOAD_POLL_S
         if hangup:
             _LOG.info("reloading signal=SIGHUP")
         if (hangup or config_watch.settled_change()) and config is not None:
@@ -390,6 +431,7 @@ def _train_self_supervised(args: argparse.Namespace) -> int:
 def _broker(args: argparse.Namespace) -> int:
     from sidecar.broker import EmbeddedBroker
 
+    caught = _catch_stray_signals(STOP_SIGNALS)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         # Validated here first, so a config error reads as one, with exit 2.
@@ -400,7 +442,9 @@ def _broker(args: argparse.Namespace) -> int:
             _LOG.info(
                 "broker with sidecar listening host=%s port=%d", args.host, args.port
             )
-            signum = signal.sigwait(STOP_SIGNALS)
+            signum = None
+            while signum not in STOP_SIGNALS:
+                signum = _next_signal(STOP_SIGNALS, caught, SIGNAL_POLL_S)
             _LOG.info("stopping signal=%s", signal.Signals(signum).name)
     finally:
         _unblock_stop_signals()

@@ -745,3 +745,81 @@ def test_cli_run_stops_cleanly_on_signal(
     with MessageCollector(broker, status) as retained:
         last = retained.wait_for(bool)[-1]
     assert last == ReceivedMessage(status, b"offline", True)
+
+
+# Enough SIGHUPs, close enough together, that some arrive while the main
+# thread is busy reloading rather than waiting for a signal: a tester's
+# sidecar died of the eighth (threads numpy starts at import did not block
+# the signal, so its default action ended the process).
+HANGUPS = 40
+HANGUP_INTERVAL_S = 0.02
+
+
+def _fatal_somewhere(pid: int) -> set[signal.Signals]:
+    """The stop and reload signals whose default action could end the process.
+
+    A signal sent to a process goes to any thread that does not block it; one
+    at its default action (no handler caught it) then ends the process. So
+    each must be blocked by every thread or caught by a handler.
+    """
+    held = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+    caught = _mask(Path(f"/proc/{pid}/status"), "SigCgt")
+    exposed = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        blocked = _mask(task / "status", "SigBlk")
+        exposed |= {s for s in held if not blocked >> (s - 1) & 1}
+    return {s for s in exposed if not caught >> (s - 1) & 1}
+
+
+def _mask(status: Path, field: str) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    message = f"{field} not in {status}"
+    raise AssertionError(message)
+
+
+def test_cli_run_survives_a_burst_of_sighups_then_stops_cleanly(
+    mosquitto: RestartableMosquitto, tmp_path: Path
+) -> None:
+    """Test that SIGHUPs during reloads neither kill nor stall `run`."""
+    broker = mosquitto.address
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "broker": {"host": broker.host, "port": broker.port},
+                "logging": {"level": "INFO"},
+            }
+        )
+    )
+    stderr_path = tmp_path / "sidecar.stderr"
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        _wait_until(
+            lambda: SUBSCRIBED_RECORD in stderr_path.read_text(),
+            STARTUP_TIMEOUT_S,
+            "subscribed",
+        )
+        assert _fatal_somewhere(process.pid) == set()
+        for _ in range(HANGUPS):
+            process.send_signal(signal.SIGHUP)
+            time.sleep(HANGUP_INTERVAL_S)
+        assert process.poll() is None, stderr_path.read_text()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(EXIT_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    log = stderr_path.read_text()
+    assert code == 0, log
+    assert "stopping signal=SIGTERM" in log
+    assert "reloading signal=SIGHUP" in log
