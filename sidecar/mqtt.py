@@ -234,6 +234,7 @@ class MqttAdapter:
         handles one client's packets in order.
         """
         self._closing.set()
+        acknowledged = True
         if not self.connected.is_set():
             _LOG.warning(
                 "stopping while disconnected host=%s port=%d; anything still "
@@ -245,12 +246,25 @@ class MqttAdapter:
             outcome = self.publish(
                 self._status_topic, STATUS_OFFLINE, qos=1, retain=True
             )
-            if not outcome.wait(STOP_PUBLISH_TIMEOUT_S):
-                _LOG.warning(
-                    "offline status not acknowledged topic=%s", self._status_topic
-                )
-        self._client.disconnect()
-        self._client.loop_stop()
+            acknowledged = outcome.wait(STOP_PUBLISH_TIMEOUT_S)
+        if acknowledged:
+            self._client.disconnect()
+            self._client.loop_stop()
+        else:
+            # The status may still wait in paho's queue behind a full in-flight
+            # window (a flood delays every acknowledgement). A DISCONNECT would
+            # tell the broker to drop the last will, leaving `online` retained;
+            # closing the socket without one makes the broker publish the will,
+            # `offline`, instead.
+            _LOG.warning(
+                "offline status not acknowledged topic=%s; closing without "
+                "DISCONNECT so the broker publishes the last will",
+                self._status_topic,
+            )
+            self._client.loop_stop()
+            sock = self._client.socket()
+            if sock is not None:
+                sock.close()
         _LOG.info("disconnected host=%s port=%d", self._broker.host, self._broker.port)
 
     def _jitter(self) -> None:

@@ -34,7 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.detector import LoadedModels, Scorer, load_cascade
-from sidecar.mqtt import RECONNECT_JITTER_S, RECONNECT_MIN_S
+from sidecar.mqtt import RECONNECT_JITTER_S, RECONNECT_MIN_S, MqttAdapter
 from sidecar.service import Service, build_pipeline, status_topic, verdict_topic
 from sidecar.stream import Message
 
@@ -534,6 +534,47 @@ def test_service_broker_frozen_past_keepalive_reconnects_and_works(
     # Mosquitto published the will (offline) for the lost connection; the
     # sidecar said online again after it.
     assert retained_status.payload == b"online"
+
+
+# Messages published while the broker is frozen, with one in flight at a
+# time: the rest, and the offline status after them, wait inside paho.
+STUCK_PUBLISHES = 5
+
+
+def test_adapter_stop_that_cannot_say_offline_leaves_the_will_to_say_it(
+    mosquitto: RestartableMosquitto,
+) -> None:
+    """Test that a stop whose offline status is never acknowledged ends offline.
+
+    A tester's flood kept paho's in-flight window full, so the status never
+    left paho; a DISCONNECT then told the broker to discard the last will
+    and `online` stayed retained.
+    """
+    broker = mosquitto.address
+    status = status_topic("anomalies")
+    settings = _settings(broker)
+    adapter = MqttAdapter(
+        settings.broker, [], status, lambda _message: None, max_inflight=1
+    )
+    adapter.start()
+    assert adapter.connected.wait(CONNECT_TIMEOUT_S)
+    with MessageCollector(broker, status) as seen:
+        seen.wait_for(lambda got: any(m.payload == b"online" for m in got))
+
+    mosquitto.freeze()
+    try:
+        for index in range(STUCK_PUBLISHES):
+            adapter.publish(f"anomalies/stuck_{index}", b"{}", qos=1, retain=False)
+        adapter.stop()
+    finally:
+        mosquitto.thaw()
+
+    with MessageCollector(broker, status) as retained:
+        last = retained.wait_for(
+            lambda got: any(m.payload == b"offline" for m in got),
+            timeout=VERDICT_TIMEOUT_S,
+        )[-1]
+    assert last == ReceivedMessage(status, b"offline", True)
 
 
 def test_service_slow_model_keeps_keepalive_and_sheds_counted(
