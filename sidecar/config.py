@@ -7,8 +7,9 @@ import logging
 import os
 import re
 import stat
+import string
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -18,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -61,6 +63,13 @@ MAX_VALUE_REPR = 80
 # .start); anything past this is a mistake or an attack, reported before any
 # code walks it recursively.
 MAX_CONFIG_DEPTH = 16
+# A real configuration holds a few hundred values (sections, topic rules,
+# overrides); even a thousand overrides of ten keys each stay far below this.
+# Aliases of aliases multiply instead ("billion laughs": nine levels of ten
+# make 10**9 values from a few lines), so the walk counts every value it
+# reaches, repeats through aliases included, and stops here: within a tenth
+# of a second instead of hours.
+MAX_CONFIG_VALUES = 100_000
 # chmod(2) permission bits: the file's group, or anyone, may read it. A
 # password in such a file is readable by every other account on the host.
 GROUP_OR_OTHERS_READ = stat.S_IRGRP | stat.S_IROTH
@@ -68,10 +77,58 @@ GROUP_OR_OTHERS_READ = stat.S_IRGRP | stat.S_IROTH
 
 # Named groups starting with this are secrets: masked when a topic is echoed.
 SECRET_GROUP_PREFIX = "secret"
+# The TopicRule fields that are `str.format` templates filled from the groups.
+TEMPLATE_FIELDS = ("device", "channel")
+# First topic levels of the device ecosystems DEFAULT_TOPIC_RULES know.
+# Everything under the output prefix is taken for the sidecar's own output
+# (pitfalls.md #7), so a prefix inside one of these trees would hide that
+# traffic from scoring.
+DEVICE_TOPIC_ROOTS = (
+    "zigbee2mqtt",
+    "homeassistant",
+    "tele",
+    "stat",
+    "cmnd",
+    "shellies",
+    "tuya",
+    "frigate",
+)
+# A broker host holding any of these is a URL (`mqtt://user:password@host`),
+# which may carry credentials; it is refused and never echoed.
+URL_MARKS = ("://", "@", "/")
+_URL_NOT_SHOWN = "a URL, not shown: it may hold credentials"
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML 1.1 reads yes/no/on/off as booleans, and pydantic would take
+        # True for 1: `port: yes` would quietly become port 1.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if _is_number(annotation) and not _takes_bool(annotation):
+                message = (
+                    "must be a number, not a yes/no value (YAML reads yes, no, "
+                    "on, off, true and false as booleans)"
+                )
+                raise ValueError(message)
+        return value
+
+
+def _is_number(annotation: Any) -> bool:
+    """Return whether a field annotation takes an int or float (a Literal too)."""
+    if annotation in (int, float):
+        return True
+    if isinstance(annotation, int | float) and not isinstance(annotation, bool):
+        return True
+    return any(_is_number(arg) for arg in get_args(annotation))
+
+
+def _takes_bool(annotation: Any) -> bool:
+    return annotation is bool or any(_takes_bool(arg) for arg in get_args(annotation))
 
 
 class TlsSettings(_Frozen):
@@ -108,6 +165,18 @@ class BrokerSettings(_Frozen):
     # limits, and what it drops is counted in $SYS (see `health`).
     persistent_session: bool = False
 
+    @field_validator("host")
+    @classmethod
+    def _plain_host(cls, host: str) -> str:
+        if any(mark in host for mark in URL_MARKS):
+            message = (
+                "must be a host name or IP address alone, not a URL; put the "
+                "port in broker.port and credentials in broker.username and "
+                f"broker.password, or in {ENV_USERNAME} and {ENV_PASSWORD}"
+            )
+            raise ValueError(message)
+        return host
+
 
 def _valid_filter(topic_filter: str) -> str:
     _check_filter(topic_filter)
@@ -140,20 +209,37 @@ class OutputSettings(_Frozen):
             raise ValueError(message)
         return prefix.rstrip("/")
 
+    @field_validator("prefix")
+    @classmethod
+    def _outside_device_trees(cls, prefix: str) -> str:
+        if prefix.split("/", 1)[0] in DEVICE_TOPIC_ROOTS:
+            message = (
+                "must not start with a topic tree that devices publish to "
+                f"({', '.join(DEVICE_TOPIC_ROOTS)}): everything under the "
+                "prefix is taken for the sidecar's own output, so that "
+                "traffic would never be scored; allowed: a first level of "
+                "its own, such as anomalies"
+            )
+            raise ValueError(message)
+        return prefix
+
 
 class TopicRule(_Frozen):
     """One ordered rule mapping a topic to a device.
 
     The first rule whose regular expression matches the whole topic decides.
-    Named groups fill the `device` and `channel` templates. Groups whose name
-    starts with `secret` (a Tuya bridge puts the device's local key in its
-    topics) are masked wherever the sidecar echoes the topic, and may not be
-    used in a template.
+    Named groups fill the `device` and `channel` templates, which may hold
+    only plain `{name}` fields naming such groups: a positional or unknown
+    field would fail on every message. Groups whose name starts with
+    `secret` (a Tuya bridge puts the device's local key in its topics) are
+    masked wherever the sidecar echoes the topic, and may not be used in a
+    template.
     """
 
     pattern: str
     kind: Literal["telemetry", "availability", "ignore"] = "telemetry"
-    device: str = "{device}"
+    # Checked even when left out: the default names a group too.
+    device: Annotated[str, Field(validate_default=True)] = "{device}"
     channel: str = ""
 
     @field_validator("pattern")
@@ -166,26 +252,53 @@ class TopicRule(_Frozen):
             raise ValueError(message) from err
         return pattern
 
-    @model_validator(mode="after")
-    def _templates_use_groups(self) -> TopicRule:
-        if self.kind == "ignore":
-            return self
-        groups = set(re.compile(self.pattern).groupindex)
-        for name in ("device", "channel"):
-            for field_name in re.findall(r"{(\w+)}", getattr(self, name)):
-                if field_name.startswith(SECRET_GROUP_PREFIX):
-                    message = (
-                        f"{name} template uses {{{field_name}}}, a secret group; "
-                        "secrets never go into device ids or verdict topics"
-                    )
-                    raise ValueError(message)
-                if field_name not in groups:
-                    message = (
-                        f"{name} template uses {{{field_name}}} but the pattern "
-                        f"has no such named group (has: {sorted(groups) or 'none'})"
-                    )
-                    raise ValueError(message)
-        return self
+    @field_validator(*TEMPLATE_FIELDS)
+    @classmethod
+    def _template_uses_groups(cls, template: str, info: ValidationInfo) -> str:
+        pattern = info.data.get("pattern")
+        if pattern is None or info.data.get("kind") == "ignore":
+            # A bad pattern is reported on its own; ignore rules fill nothing.
+            return template
+        problem = _template_problem(template, set(re.compile(pattern).groupindex))
+        if problem is not None:
+            raise ValueError(problem)
+        return template
+
+
+def _template_problem(template: str, groups: set[str]) -> str | None:
+    """Say what is wrong with a rule template, or return None if it is fine."""
+    has = f"(has: {', '.join(sorted(groups)) or 'none'})"
+    try:
+        fields = [
+            (name, conversion, spec)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as err:
+        return f"not a valid template ({err}); write {{{{ and }}}} for a brace"
+    for name, conversion, spec in fields:
+        shown = "{" + name + (f"!{conversion}" if conversion else "")
+        shown += (f":{spec}" if spec else "") + "}"
+        if not name.isidentifier():
+            return (
+                f"template uses {shown}, not a named field; allowed: fields "
+                f"named after the pattern's named groups {has}"
+            )
+        if name.startswith(SECRET_GROUP_PREFIX):
+            return (
+                f"template uses {shown}, a secret group; "
+                "secrets never go into device ids or verdict topics"
+            )
+        if conversion or spec:
+            return (
+                f"template uses {shown}; allowed: plain {{{name}}} fields, "
+                "without a conversion or format spec"
+            )
+        if name not in groups:
+            return (
+                f"template uses {shown} but the pattern has no such named group {has}"
+            )
+    return None
 
 
 def _rule(pattern: str, kind: str = "telemetry", **templates: str) -> dict[str, str]:
@@ -225,11 +338,31 @@ DEFAULT_TOPIC_RULES: list[dict[str, str]] = [
         r"/(?P<channel>.+)",
         channel="{channel}",
     ),
+    # The same without a suffix: left to the fallback, the key and IP would
+    # become the channel.
+    _rule(
+        r"tuya/(?P<device>[^/]+)/(?P<secret_key>[^/]+)/(?P<secret_ip>[^/]+)",
+        channel="",
+    ),
     _rule(r"(tele|stat)/(?P<device>[^/]+)/(?P<channel>.+)", channel="{channel}"),
     _rule(r"shellies/(?P<device>[^/]+)/(?P<channel>.+)", channel="{channel}"),
     _rule(
         r"(?P<device>shelly[^/]+)/(events/rpc|status/(?P<channel>.+))",
         channel="{channel}",
+    ),
+    # Statestream mirrors every Home Assistant entity, the sidecar's own too
+    # (discovery.py): `<device>_anomaly` and `<device>_anomaly_<condition>`
+    # (conditions.ConditionKind), and its own status and data path sensors,
+    # named by HA after the sidecar device (`mqtt_anomaly_sidecar_status`)
+    # or by the default node id. Tracked as devices, they would get sensors
+    # of their own, which would come back again, without end. HA appends
+    # `_2`, `_3`, ... to an entity id already taken. A custom node id or a
+    # renamed entity needs its own ignore rule in `topics`.
+    _rule(
+        r"homeassistant/binary_sensor/([^/]+_anomaly"
+        r"(_(silent|frozen|unavailable|offline))?"
+        r"|(mqtt_)?anomaly_sidecar(_[^/]+)?_(status|data_path))(_[0-9]+)?/.+",
+        "ignore",
     ),
     _rule(
         r"homeassistant/(?P<domain>sensor|binary_sensor|switch|light|climate)"
@@ -507,6 +640,12 @@ def _check_filter(topic_filter: str) -> None:
 def _describe_value(location: tuple[int | str, ...], value: Any) -> str:
     if any(_SECRET_WORDS.search(str(part)) for part in location):
         return "'***'"
+    if (
+        location[-1:] == ("host",)
+        and isinstance(value, str)
+        and any(mark in value for mark in URL_MARKS)
+    ):
+        return _URL_NOT_SHOWN
     if location[:1] == ("broker",) and len(location) == 1 and isinstance(value, str):
         # A whole broker section written as one string is often a URL with
         # credentials in it (user:password@host).
@@ -597,13 +736,16 @@ def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
 
 
 def _check_shape(data: Any, source: str) -> None:
-    """Refuse a document nested too deep or holding itself through YAML aliases.
+    """Refuse a document nested too deep, too big, or holding itself by aliases.
 
     A YAML anchor can refer to a mapping from inside it (`a: &x {b: [*x]}`),
     which makes the parsed document endless; validation and masking would
-    recurse until Python gives up, with a traceback full of values.
+    recurse until Python gives up, with a traceback full of values. Aliases
+    of aliases make it finite but huge; the walk stops after
+    MAX_CONFIG_VALUES values.
     """
     stack: list[tuple[Any, str, int, frozenset[int]]] = [(data, "", 0, frozenset())]
+    values = 0
     while stack:
         value, path, depth, above = stack.pop()
         if not isinstance(value, dict | list):
@@ -614,6 +756,15 @@ def _check_shape(data: Any, source: str) -> None:
             raise ConfigError(source, [problem])
         if depth > MAX_CONFIG_DEPTH:
             problem = f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels"
+            raise ConfigError(source, [problem])
+        values += len(value)
+        if values > MAX_CONFIG_VALUES:
+            problem = (
+                "(top level): too many values once YAML aliases are expanded "
+                f"(got more than {MAX_CONFIG_VALUES:,}); allowed: at most "
+                f"{MAX_CONFIG_VALUES:,}, where a real configuration holds a few "
+                "hundred; aliases of aliases ('billion laughs') are refused"
+            )
             raise ConfigError(source, [problem])
         inside = above | {id(value)}
         items = value.items() if isinstance(value, dict) else enumerate(value)

@@ -10,8 +10,10 @@ import pytest
 from sidecar.__main__ import EXIT_CONFIG, main
 from sidecar.config import (
     DEFAULT_MODELS_DIR,
+    DEVICE_TOPIC_ROOTS,
     ENV_PASSWORD,
     ENV_USERNAME,
+    TEMPLATE_FIELDS,
     Settings,
     load_settings,
     settings_from_mapping,
@@ -146,6 +148,87 @@ def test_settings_from_mapping_problem_names_path_value_and_rule(
 
     assert f"(got {received})" in problem
     assert allowed in problem
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "broker.port",
+        "broker.keepalive",
+        "output.qos",
+        "limits.queue_size",
+        "detection.alarm_after",
+        "detection.rf_threshold",
+        "conditions.silent.factor",
+        "metrics.port",
+    ],
+)
+@pytest.mark.parametrize("value", [True, False])
+def test_settings_from_mapping_yes_or_no_is_not_a_number(
+    path: str, value: bool
+) -> None:
+    """Test that a boolean is refused for a number, not taken as 1 or 0."""
+    *sections, key = path.split(".")
+    data: dict[str, Any] = {key: value}
+    for section in reversed(sections):
+        data = {section: data}
+
+    problem = _problem_for(_problems(data), path)
+
+    assert "must be a number, not a yes/no value" in problem
+    assert f"(got {value})" in problem
+
+
+def test_load_settings_port_yes_is_refused(tmp_path: Path) -> None:
+    """Test that YAML's `yes` (a boolean in YAML 1.1) is not port 1."""
+    path = _write(tmp_path, "broker:\n  port: yes\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    problem = _problem_for(caught.value.problems, "broker.port")
+    assert "(got True)" in problem
+
+
+def test_load_settings_yes_still_sets_a_switch(tmp_path: Path) -> None:
+    """Test that yes and no keep working for the settings that are switches."""
+    path = _write(tmp_path, "output:\n  publish_scores: yes\nmetrics:\n  enabled: on\n")
+
+    settings = load_settings(path)
+
+    assert settings.output.publish_scores is True
+    assert settings.metrics.enabled is True
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        f"mqtt://admin:{PASSWORD}@example.com:1883",
+        f"mqtts://admin:{PASSWORD}@example.com",
+        f"admin:{PASSWORD}@example.com",
+        f"example.com/{PASSWORD}",
+    ],
+)
+def test_settings_from_mapping_broker_host_as_url_is_refused_unseen(host: str) -> None:
+    """Test that a URL with credentials as host is refused and never echoed."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from_mapping({"broker": {"host": host}})
+
+    problem = _problem_for(caught.value.problems, "broker.host")
+    assert "host name or IP address" in problem
+    assert "broker.port" in problem
+    assert "broker.username and broker.password" in problem
+    assert ENV_PASSWORD in problem
+    assert "(got a URL, not shown: it may hold credentials)" in problem
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "host", ["example.com", "mosquitto", "192.168.1.10", "::1", "fe80::1%eth0"]
+)
+def test_settings_from_mapping_broker_host_name_or_address_is_kept(host: str) -> None:
+    """Test that plain host names and IPv4 or IPv6 addresses are accepted."""
+    assert settings_from_mapping({"broker": {"host": host}}).broker.host == host
 
 
 def test_settings_from_mapping_unknown_key_lists_allowed_keys() -> None:
@@ -402,6 +485,34 @@ def test_settings_from_mapping_output_prefix_with_wildcard_is_rejected(
     assert "without wildcards" in problem
 
 
+@pytest.mark.parametrize(
+    "prefix", [*DEVICE_TOPIC_ROOTS, "tele/anomalies", "zigbee2mqtt/anomalies/"]
+)
+def test_settings_from_mapping_output_prefix_in_a_device_tree_is_rejected(
+    prefix: str,
+) -> None:
+    """Test that the prefix may not claim a tree that device traffic uses.
+
+    Everything under the prefix is taken for the sidecar's own output, so
+    `output.prefix: tele` would leave every Tasmota device unscored.
+    """
+    problem = _problem_for(_problems({"output": {"prefix": prefix}}), "output.prefix")
+
+    assert "topic tree that devices publish to" in problem
+    assert "never be scored" in problem
+    assert f"(got {prefix!r})" in problem
+
+
+@pytest.mark.parametrize("prefix", ["anomalies", "site/tele", "telemetry_anomalies"])
+def test_settings_from_mapping_output_prefix_beside_device_trees_is_kept(
+    prefix: str,
+) -> None:
+    """Test that only the first level is compared, and as a whole level."""
+    settings = settings_from_mapping({"output": {"prefix": prefix}})
+
+    assert settings.output.prefix == prefix
+
+
 def test_settings_from_mapping_output_prefix_trailing_slash_is_dropped() -> None:
     """Test that a trailing `/` on the output prefix is removed."""
     settings = settings_from_mapping({"output": {"prefix": "site/anomalies/"}})
@@ -410,21 +521,77 @@ def test_settings_from_mapping_output_prefix_trailing_slash_is_dropped() -> None
 
 
 @pytest.mark.parametrize(
-    ("rule", "template"),
+    ("rule", "path", "template"),
     [
-        ({"pattern": "site/(?P<dev>[^/]+)", "device": "{device}"}, "{device}"),
-        ({"pattern": "site/(?P<device>[^/]+)", "channel": "{channel}"}, "{channel}"),
-        ({"pattern": "site/[^/]+", "kind": "availability"}, "{device}"),
+        (
+            {"pattern": "site/(?P<dev>[^/]+)", "device": "{device}"},
+            "topics.0.device",
+            "{device}",
+        ),
+        (
+            {"pattern": "site/(?P<device>[^/]+)", "channel": "{channel}"},
+            "topics.0.channel",
+            "{channel}",
+        ),
+        (
+            {"pattern": "site/[^/]+", "kind": "availability"},
+            "topics.0.device",
+            "{device}",
+        ),
     ],
 )
 def test_settings_from_mapping_rule_template_needs_named_group(
-    rule: dict[str, str], template: str
+    rule: dict[str, str], path: str, template: str
 ) -> None:
     """Test that a rule template naming a group the pattern lacks is rejected."""
-    problem = _problem_for(_problems({"topics": [rule]}), "topics.0")
+    problem = _problem_for(_problems({"topics": [rule]}), path)
 
     assert f"uses {template}" in problem
     assert "no such named group" in problem
+
+
+@pytest.mark.parametrize("field", TEMPLATE_FIELDS)
+@pytest.mark.parametrize(
+    ("template", "allowed"),
+    [
+        ("{}", "not a named field"),
+        ("x{0}", "not a named field"),
+        ("{device.upper}", "not a named field"),
+        ("{device[0]}", "not a named field"),
+        ("{device!r}", "without a conversion or format spec"),
+        ("{device:>40}", "without a conversion or format spec"),
+        ("{device", "not a valid template"),
+        ("a}b", "not a valid template"),
+        ("{room}", "no such named group"),
+    ],
+)
+def test_settings_from_mapping_rule_template_fields_are_plain_named_groups(
+    field: str, template: str, allowed: str
+) -> None:
+    """Test that a template that would fail on every message is refused up front.
+
+    `str.format` raises IndexError for `{}` and KeyError for an unknown name
+    at runtime, once per message; each template field is checked at load.
+    """
+    rule = {"pattern": "site/(?P<device>[^/]+)/(?P<channel>.+)", field: template}
+
+    problem = _problem_for(_problems({"topics": [rule]}), f"topics.0.{field}")
+
+    assert allowed in problem
+    assert f"(got {template!r})" in problem
+
+
+def test_settings_from_mapping_rule_template_may_use_braces_and_groups() -> None:
+    """Test that doubled braces and several named groups make a valid template."""
+    rule = {
+        "pattern": "site/(?P<room>[^/]+)/(?P<device>[^/]+)/(?P<channel>.+)",
+        "device": "{room}.{device}{{x}}",
+        "channel": "{channel}",
+    }
+
+    settings = settings_from_mapping({"topics": [rule]})
+
+    assert settings.topics[0].device == "{room}.{device}{{x}}"
 
 
 def test_settings_from_mapping_ignore_rule_needs_no_groups() -> None:
@@ -497,6 +664,28 @@ def test_load_settings_endless_or_deep_document_is_a_config_error(
     assert where in message
     assert "hunter2y" not in message
     assert len(message) < 500
+
+
+def test_load_settings_alias_bomb_is_a_config_error(tmp_path: Path) -> None:
+    """Test that aliases of aliases ("billion laughs") are refused, not walked.
+
+    Nine levels of ten aliases make 10**9 values from eleven short lines;
+    walking every path through them would take hours.
+    """
+    lines = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for level in range(1, 9):
+        aliases = ", ".join([f"*l{level - 1}"] * 10)
+        lines.append(f"l{level}: &l{level} [{aliases}]")
+    lines.append("topics: *l8")
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert len(caught.value.problems) == 1
+    problem = caught.value.problems[0]
+    assert problem.startswith("(top level): too many values once YAML aliases")
+    assert "(got more than 100,000)" in problem
 
 
 def test_run_with_a_copied_config_that_misses_the_models_names_the_directory(

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import Settings, settings_from_mapping
+from sidecar.conditions import ConditionKind
+from sidecar.config import DiscoverySettings, Settings, settings_from_mapping
+from sidecar.discovery import HEALTH_OBJECT_ID, STATUS_OBJECT_ID
 from sidecar.errors import ConfigError
 from sidecar.topics import (
     MAX_SEGMENT_CHARS,
@@ -397,3 +399,80 @@ def test_rule_template_may_not_use_a_secret_group() -> None:
                 ]
             }
         )
+
+
+@pytest.mark.parametrize("device_id", ["bf0123", "03200160dc4f22ab1c2d", "0123abc"])
+def test_tuya_bridge_topic_without_suffix_masks_key_and_ip(device_id: str) -> None:
+    """Test that `tuya/<id>/<key>/<ip>` with nothing after routes to the id alone.
+
+    Left to the generic fallback, the local key and IP would become the
+    channel, and so reach verdict reasons and key names.
+    """
+    router = TopicRouter(Settings().topics, output_prefix="anomalies")
+
+    route = router.route(f"tuya/{device_id}/0f1e2d3c4b5a6978/192.168.1.40")
+
+    assert route.kind is RouteKind.TELEMETRY
+    assert route.device == device_id
+    assert route.channel == ""
+    assert route.public_topic == f"tuya/{device_id}/***/***"
+    assert "0f1e2d3c4b5a6978" not in route.public_topic
+    assert "192.168.1.40" not in route.public_topic
+
+
+# What Home Assistant names the sidecar's own entities (discovery.py): the
+# watched device's name plus "Anomaly" or "Anomaly <condition>", and the
+# sidecar device's name plus its status and data path sensors.
+OWN_ENTITY_OBJECT_IDS = [
+    "kitchen_fridge_anomaly",
+    *(f"kitchen_fridge_anomaly_{kind.value}" for kind in ConditionKind),
+    "binary_sensor_front_door_anomaly_silent",
+    "kitchen_fridge_anomaly_2",
+    f"{DiscoverySettings().node_id}_{STATUS_OBJECT_ID}",
+    f"{DiscoverySettings().node_id}_{HEALTH_OBJECT_ID}",
+    f"mqtt_anomaly_sidecar_{STATUS_OBJECT_ID}",
+    f"mqtt_anomaly_sidecar_{HEALTH_OBJECT_ID}",
+]
+
+
+@pytest.mark.parametrize("suffix", ["state", "attributes", "friendly_name"])
+@pytest.mark.parametrize("object_id", OWN_ENTITY_OBJECT_IDS)
+def test_topic_router_statestream_of_own_entities_is_ignored(
+    router: TopicRouter, object_id: str, suffix: str
+) -> None:
+    """Test that statestream copies of the sidecar's own sensors are not devices.
+
+    Tracked as devices they would get discovery sensors of their own, whose
+    statestream copies would come back again, without end.
+    """
+    topic = f"homeassistant/binary_sensor/{object_id}/{suffix}"
+
+    assert router.route(topic) == Route(RouteKind.IGNORE)
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        (
+            "homeassistant/binary_sensor/hall_door/state",
+            Route(RouteKind.TELEMETRY, "binary_sensor.hall_door"),
+        ),
+        (
+            "homeassistant/sensor/kitchen_fridge_anomaly/state",
+            Route(RouteKind.TELEMETRY, "sensor.kitchen_fridge_anomaly"),
+        ),
+        (
+            "homeassistant/binary_sensor/anomaly_detector_power/state",
+            Route(RouteKind.TELEMETRY, "binary_sensor.anomaly_detector_power"),
+        ),
+        (
+            "homeassistant/binary_sensor/garage_status/state",
+            Route(RouteKind.TELEMETRY, "binary_sensor.garage_status"),
+        ),
+    ],
+)
+def test_topic_router_statestream_of_other_entities_is_still_telemetry(
+    router: TopicRouter, topic: str, expected: Route
+) -> None:
+    """Test that only the sidecar's own binary sensors are ignored."""
+    assert router.route(topic) == expected
