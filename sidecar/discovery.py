@@ -50,6 +50,7 @@ from sidecar.topics import device_topic_segment
 
 __all__ = [
     "COMPONENT",
+    "OWN_CONFIG_MARK",
     "Discovery",
     "Sensor",
     "device_object_id",
@@ -99,6 +100,9 @@ VERDICT_ATTRIBUTES = ("score", "reason", "time", "topic")
 CONDITION_ATTRIBUTES = ("reason", "since", "duration_s", "time")
 # Shown as the origin of every config in Home Assistant's log.
 ORIGIN_NAME = "mqtt-anomaly-sidecar"
+# How every config payload of the sidecar begins (see Sensor.payload).
+OWN_CONFIG_MARK = b'{"origin":{"name":"' + ORIGIN_NAME.encode() + b'"'
+
 UNKNOWN_VERSION = "unknown"
 SIDECAR_DEVICE_NAME = "MQTT anomaly sidecar"
 WATCH_MODEL = "anomaly watch"
@@ -126,8 +130,14 @@ class Sensor:
     config: dict[str, Any]
 
     def payload(self) -> bytes:
-        """The config as the retained JSON payload."""
-        return json.dumps(self.config, separators=(",", ":")).encode()
+        """The config as the retained JSON payload, its `origin` first.
+
+        Leading with the origin lets the sidecar know a copy of its own config
+        by its first bytes (`OWN_CONFIG_MARK`), under whatever topic a bridge
+        republishes it.
+        """
+        ordered = {"origin": self.config["origin"], **self.config}
+        return json.dumps(ordered, separators=(",", ":")).encode()
 
 
 def device_object_id(device: str) -> str:

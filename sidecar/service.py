@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from sidecar.conditions import ConditionKind, ConditionVerdict
 from sidecar.config import Settings
 from sidecar.detector import LoadedModels
-from sidecar.discovery import Discovery
+from sidecar.discovery import OWN_CONFIG_MARK, Discovery
 from sidecar.health import DataPathHealth
 from sidecar.metrics import MetricsEndpoint
 from sidecar.mqtt import MqttAdapter
@@ -245,9 +245,10 @@ class Service:
             # A discovery config of ours: own output, whatever the rules say.
             counters.own_output += 1
             return
-        if self.pipeline.router.is_own_output(
-            message.topic
-        ) or message.payload.startswith(OWN_OUTPUT_MARK):
+        if self.pipeline.router.is_own_output(message.topic) or (
+            message.payload.startswith(OWN_OUTPUT_MARK)
+            or message.payload.startswith(OWN_CONFIG_MARK)
+        ):
             counters.own_output += 1
             if message.topic.startswith(self._feedback_prefix):
                 self._feedback.append(message)

@@ -185,6 +185,29 @@ def test_service_never_scores_its_output_echoed_under_a_renamed_prefix(
     assert counters["own_output"] >= 2 * len(echoed)
 
 
+def test_service_never_scores_its_discovery_configs_under_a_renamed_prefix(
+    broker: BrokerAddress, always_alarm: Service
+) -> None:
+    """A bridge mapping homeassistant/# to remote_ha/# echoes the configs back.
+
+    The copies fall to the generic rule (device `remote_ha`); they are known
+    as the sidecar's own by their first bytes and never tracked or scored.
+    """
+    with _echo(broker, "homeassistant", "remote_ha") as echoed:
+        _publish_readings(broker, "zigbee2mqtt/fridge_plug", 3)
+        deadline = time.monotonic() + VERDICT_TIMEOUT_S
+        while not any(t.endswith("/config") for t in echoed):
+            assert time.monotonic() < deadline, echoed
+            time.sleep(0.05)
+        time.sleep(0.5)
+
+    counters = always_alarm.counters
+    assert counters["devices_tracked"] == 1
+    # The three readings, still warming up; nothing else was parsed as one.
+    assert counters["warming"] == 3
+    assert counters["windows_scored"] == 0
+
+
 @pytest.mark.parametrize(
     ("topic", "payload", "counter"),
     [
