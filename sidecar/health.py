@@ -9,13 +9,26 @@ tell them apart and are published, retained, on `<prefix>/_health`:
   drops everything (Mosquitto 2.0.16 with `max_queued_messages 0`,
   pitfalls.md #5), an ACL without read rights, a bridge that loops nothing.
 - Mosquitto counts the messages it dropped for subscribers whose queues were
-  full (`$SYS/broker/publish/messages/dropped`, pitfalls.md #3). When that
-  count grows, data was lost between devices and us, and the health topic
-  says how much.
+  full (`$SYS/broker/publish/messages/dropped`, pitfalls.md #3), as a total
+  since the broker started. Each reading is compared with the one before:
+  growth is data lost between devices and us, and the health topic says how
+  much. A count that went down means the broker restarted, and the whole new
+  count was dropped since. A restart always drops the connection, so across a
+  reconnect this compares the first reading with the last one before the
+  disconnect; the drops while the sidecar was away from a broker that kept
+  running, such as those from its persistent session's full queue, count.
+
+The very first reading is a baseline: the broker's drops before the sidecar
+existed are shown as the total, not reported as new. A run that starts again
+reads its own retained health document back (when its subscriptions cover it)
+and compares the first reading with the total that document holds, so the
+drops while the sidecar was stopped count too.
 
 Shortcomings, named: the broker's count covers all its clients, so a drop
 cannot be pinned on our subscription or on one device; windows that span the
-hole are scored as they are, and the health topic is the warning. Device
+hole are scored as they are, and the health topic is the warning. A broker
+that restarted and dropped more than the last count we read before we read
+it again looks like growth, and only the difference is reported. Device
 payloads seldom carry sequence numbers (zigbee2mqtt, Tasmota and Shelly do
 not), so gaps are not detected per device.
 """
@@ -40,6 +53,9 @@ _LOG = logging.getLogger(__name__)
 
 # Longest `$SYS` payload worth decoding as a counter.
 MAX_COUNTER_BYTES = 32
+# Longest health document worth decoding for a previous run's total; ours
+# are a few hundred bytes.
+MAX_HEALTH_BYTES = 4096
 # Bytes of randomness in a probe's nonce.
 NONCE_BYTES = 8
 # A loss is reported as a problem for this long after the count last grew,
@@ -79,6 +95,8 @@ class DataPathHealth:
         self.probe_topic = probe_topic
         self.settings = settings
         self._publish = publish
+        # Guards the probe's nonce and the drop count, which the MQTT thread
+        # writes and the worker reads.
         self._lock = threading.Lock()
         self.probe_state = ProbeState.OFF
         self._nonce = b""
@@ -86,8 +104,15 @@ class DataPathHealth:
         self._probe_deadline = math.inf
         self._probed_connect = 0
         self._dropped_total: int | None = None
-        self.dropped_reported = 0
+        self._first_total = 0
+        # The total in the health document a previous run left retained.
+        self._previous_total: int | None = None
+        self._previous_open = True
+        self._found_new = 0
+        self._found_restart = False
+        self._published_total: int | None = None
         self.dropped_new = 0
+        self._restart_noted = False
         self._dropped_at = -math.inf
         self._changed = False
 
@@ -97,45 +122,73 @@ class DataPathHealth:
         return self._dropped_total
 
     def on_message(self, topic: str, payload: bytes) -> bool:
-        """Note a probe or a broker counter; called from the MQTT thread.
+        """Note a probe, a broker counter or our own health document.
 
-        Returns whether the message was the broker's counter, which is
-        consumed here and goes no further.
+        Called from the MQTT thread. Returns whether the message was the
+        broker's counter, which is consumed here and goes no further.
         """
         if topic == self.probe_topic:
             with self._lock:
                 if self._nonce and payload == self._nonce:
                     self._probe_seen = True
             return False
+        if topic == self.health_topic:
+            self._read_previous_total(payload)
+            return False
         if topic != self.settings.broker_dropped_topic:
             return False
         count = _counter(payload)
         if count is not None:
-            self._dropped_total = count
+            with self._lock:
+                self._read_count(count)
         return True
 
     def tick(self, now: float, connects: int, subscribed: bool) -> None:
         """Run the checks that the clock drives; publish the document on change."""
         if self.settings.probe_timeout_s > 0:
             self._run_probe(now, connects, subscribed)
-        total = self._dropped_total
-        if total is not None and total > self.dropped_reported:
-            self.dropped_new = total - self.dropped_reported
-            self.dropped_reported = total
+        with self._lock:
+            total = self._dropped_total
+            new, restarted = self._found_new, self._found_restart
+            self._found_new, self._found_restart = 0, False
+            if total is not None:
+                # From here on the health documents that come back are ours.
+                self._previous_open = False
+        if new:
+            self.dropped_new = new
+            self._restart_noted = restarted
             self._dropped_at = now
             self._changed = True
             _LOG.warning(
-                "broker dropped messages new=%d total=%d topic=%s; windows may "
-                "span a hole in the data",
-                self.dropped_new,
+                "broker %s messages new=%d total=%d topic=%s; windows may span a "
+                "hole in the data",
+                "restarted and dropped" if restarted else "dropped",
+                new,
                 total,
                 self.settings.broker_dropped_topic,
             )
         elif self.dropped_new and now - self._dropped_at > DROP_NOTICE_S:
             self.dropped_new = 0
+            self._restart_noted = False
+            self._changed = True
+        if restarted and not new:
+            _LOG.info(
+                "broker restarted: its drop count began again total=%d topic=%s",
+                total,
+                self.settings.broker_dropped_topic,
+            )
+        if total != self._published_total:
+            if self._published_total is None and not new:
+                _LOG.info(
+                    "broker drop count read total=%d topic=%s; drops are counted "
+                    "from here",
+                    total,
+                    self.settings.broker_dropped_topic,
+                )
             self._changed = True
         if self._changed:
             self._changed = False
+            self._published_total = total
             self._publish(self.health_topic, self.document(now), True)
 
     def document(self, now: float) -> bytes:
@@ -148,9 +201,13 @@ class DataPathHealth:
                 "messages to the sidecar (queue limits, ACL read rights?)"
             )
         if self.dropped_new:
+            dropped = (
+                f"broker restarted and dropped {self.dropped_new} messages since"
+                if self._restart_noted
+                else f"broker dropped {self.dropped_new} messages"
+            )
             problems.append(
-                f"broker dropped {self.dropped_new} messages "
-                f"({self.dropped_reported} since it started)"
+                f"{dropped} ({self._dropped_total} since the broker started)"
             )
         document: dict[str, Any] = {
             "origin": ORIGIN,
@@ -162,6 +219,45 @@ class DataPathHealth:
             "problems": problems,
         }
         return json.dumps(document, separators=(",", ":")).encode()
+
+    def _read_count(self, count: int) -> None:
+        """Compare a reading with the one before it; hold the lock."""
+        before = self._dropped_total
+        self._dropped_total = count
+        if before is None:
+            before = self._previous_total
+            if before is None:
+                self._first_total = count
+                return
+        self._count_drops(before, count)
+
+    def _count_drops(self, before: int, after: int) -> None:
+        """Add the drops between two readings; hold the lock."""
+        if after < before:
+            self._found_restart = True
+            self._found_new += after
+        else:
+            self._found_new += after - before
+
+    def _read_previous_total(self, payload: bytes) -> None:
+        """Take the first of our health documents with a total as the last run's.
+
+        The broker replays the retained document as we subscribe, before or
+        just after the first reading; once a reading has been published, the
+        documents that come back are our own.
+        """
+        total = _document_total(payload)
+        if total is None:
+            return
+        with self._lock:
+            if not self._previous_open:
+                return
+            self._previous_open = False
+            if self._dropped_total is None:
+                self._previous_total = total
+            else:
+                # The first reading came first and was taken as a baseline.
+                self._count_drops(total, self._first_total)
 
     def _run_probe(self, now: float, connects: int, subscribed: bool) -> None:
         if connects != self._probed_connect and subscribed:
@@ -206,3 +302,25 @@ def _counter(payload: bytes) -> int | None:
     except (UnicodeDecodeError, ValueError):
         return None
     return value if value >= 0 else None
+
+
+def _document_total(payload: bytes) -> int | None:
+    """Read the broker's total from a health document of ours.
+
+    >>> _document_total(b'{"origin":"anomaly-sidecar","broker_dropped_total":7}')
+    7
+    >>> _document_total(b'{"origin":"other","broker_dropped_total":7}') is None
+    True
+    """
+    if len(payload) > MAX_HEALTH_BYTES:
+        return None
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("origin") != ORIGIN:
+        return None
+    total = document.get("broker_dropped_total")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        return None
+    return total

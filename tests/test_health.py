@@ -1,4 +1,9 @@
-"""Data-path health and condition verdicts, end to end against a real Mosquitto."""
+"""Data-path health and condition verdicts.
+
+The broker's drop count is specified on `DataPathHealth` alone, fed readings
+as Mosquitto would send them; the rest runs end to end against a real
+Mosquitto.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +25,10 @@ from mqtt_helpers import (
     publish,
 )
 
-from sidecar.config import Settings, settings_from_mapping
+from sidecar.config import HealthSettings, Settings, settings_from_mapping
 from sidecar.detector import LoadedModels, load_cascade
+from sidecar.health import DROP_NOTICE_S, DataPathHealth
 from sidecar.service import Service
-
-pytestmark = pytest.mark.broker
 
 CONNECT_TIMEOUT_S = 10.0
 # Health and conditions are judged once a second; this bounds a failing test.
@@ -38,6 +42,16 @@ PUBLISHED_WHILE_AWAY = 500
 # Two clients with one id take the session from each other about once per
 # reconnect backoff (1 s, then 2 s, ...); three losses fit in this.
 CLIENT_ID_HINT_TIMEOUT_S = 30.0
+# Mosquitto publishes $SYS every second in the tests that read its drop count.
+SYS_INTERVAL = "sys_interval 1"
+
+HEALTH_TOPIC = "anomalies/_health"
+COUNTER_TOPIC = HealthSettings().broker_dropped_topic
+# Wall-clock seconds at which the unit tests below tick, well apart.
+START = 1_000_000.0
+# The broker's count in the tester's report: hours of drops before the
+# sidecar existed.
+HISTORIC_DROPS = 130_380
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +98,7 @@ def _last_health(collector: MessageCollector) -> dict[str, Any]:
     return document
 
 
+@pytest.mark.broker
 def test_probe_comes_back_and_health_is_ok(
     start_mosquitto: StartMosquitto, models: LoadedModels
 ) -> None:
@@ -107,6 +122,7 @@ def test_probe_comes_back_and_health_is_ok(
     assert _last_health(health)["state"] == "ok"
 
 
+@pytest.mark.broker
 def test_probe_not_delivered_back_is_reported(
     start_mosquitto: StartMosquitto, tmp_path: Path, models: LoadedModels
 ) -> None:
@@ -136,17 +152,31 @@ def test_probe_not_delivered_back_is_reported(
     assert "not delivered back" in document["problems"][0]
 
 
+@pytest.mark.broker
 def test_broker_drops_while_sidecar_away_are_reported(
     start_mosquitto: StartMosquitto, models: LoadedModels
 ) -> None:
-    """Test pitfalls.md #3: the broker keeps 100 of 500 and says it dropped 400."""
-    broker = start_mosquitto(f"max_queued_messages {QUEUE_LIMIT}", "sys_interval 1")
+    """Test pitfalls.md #3: the broker keeps 100 of 500 and says it dropped 400.
+
+    The first run stops once its health document holds the broker's count;
+    the next run compares with that count, so the drops while it was stopped
+    are new, not its baseline.
+    """
+    broker = start_mosquitto(f"max_queued_messages {QUEUE_LIMIT}", SYS_INTERVAL)
     settings = _settings(
         broker,
         broker={"client_id": "sidecar-persistent", "persistent_session": True},
     )
-    with _running(settings, models):
-        pass
+    with (
+        MessageCollector(broker, "anomalies/_health") as first_run,
+        _running(settings, models),
+    ):
+        first_run.wait_for(
+            lambda seen: _health(
+                seen, lambda doc: doc["broker_dropped_total"] is not None
+            ),
+            timeout=HEALTH_TIMEOUT_S,
+        )
     for seq in range(PUBLISHED_WHILE_AWAY):
         publish(broker, "tele/plug_a/SENSOR", json.dumps({"seq": seq, "Power": 40}))
 
@@ -172,6 +202,54 @@ def test_broker_drops_while_sidecar_away_are_reported(
     assert processed >= QUEUE_LIMIT
 
 
+@pytest.mark.broker
+def test_broker_drops_before_the_sidecar_first_ran_are_a_baseline(
+    start_mosquitto: StartMosquitto, models: LoadedModels
+) -> None:
+    """Test that a first start shows the broker's historic drops as ok.
+
+    Another persistent subscriber, away while 500 messages are published,
+    makes the broker drop 400 before this sidecar ever connects. (Drops in
+    the last sys_interval before a start are not in the first reading yet and
+    are reported as new.)
+    """
+    broker = start_mosquitto(f"max_queued_messages {QUEUE_LIMIT}", SYS_INTERVAL)
+    other = _settings(
+        broker,
+        broker={"client_id": "other-persistent", "persistent_session": True},
+        output={"prefix": "other"},
+    )
+    with _running(other, models):
+        pass
+    dropped = PUBLISHED_WHILE_AWAY - QUEUE_LIMIT
+    with MessageCollector(broker, COUNTER_TOPIC) as counter:
+        for seq in range(PUBLISHED_WHILE_AWAY):
+            payload = json.dumps({"seq": seq, "Power": 40})
+            publish(broker, "tele/plug_a/SENSOR", payload)
+        # $SYS is refreshed once a sys_interval: wait until it shows the drops.
+        counter.wait_for(
+            lambda seen: any(int(m.payload) >= dropped for m in seen),
+            timeout=HEALTH_TIMEOUT_S,
+        )
+
+    with (
+        MessageCollector(broker, "anomalies/_health") as health,
+        _running(_settings(broker), models),
+    ):
+        health.wait_for(
+            lambda seen: _health(
+                seen,
+                lambda doc: (doc["broker_dropped_total"] or 0) >= dropped,
+            ),
+            timeout=HEALTH_TIMEOUT_S,
+        )
+
+    documents = [json.loads(m.payload) for m in health.messages]
+    assert [doc["broker_dropped_new"] for doc in documents] == [0] * len(documents)
+    assert _last_health(health)["state"] == "ok"
+
+
+@pytest.mark.broker
 def test_offline_announcement_publishes_condition_verdict(
     start_mosquitto: StartMosquitto, models: LoadedModels
 ) -> None:
@@ -192,6 +270,7 @@ def test_offline_announcement_publishes_condition_verdict(
     assert json.loads(received[0].payload)["kind"] == "offline"
 
 
+@pytest.mark.broker
 def test_silent_device_publishes_condition_verdict(
     start_mosquitto: StartMosquitto, models: LoadedModels
 ) -> None:
@@ -221,6 +300,7 @@ def test_silent_device_publishes_condition_verdict(
     assert "no message for" in verdict["reason"]
 
 
+@pytest.mark.broker
 def test_two_sidecars_with_one_client_id_get_a_hint(
     start_mosquitto: StartMosquitto,
     models: LoadedModels,
@@ -239,6 +319,7 @@ def test_two_sidecars_with_one_client_id_get_a_hint(
     assert "client_id=sidecar-shared" in caplog.text
 
 
+@pytest.mark.broker
 def test_frozen_and_unavailable_keys_publish_condition_verdicts(
     start_mosquitto: StartMosquitto, models: LoadedModels
 ) -> None:
@@ -277,3 +358,169 @@ def test_frozen_and_unavailable_keys_publish_condition_verdicts(
     unavailable = by_topic["anomalies/hall/unavailable"]
     assert unavailable["state"] == "raised"
     assert unavailable["keys"][0]["key"] == "temperature"
+
+
+class _Recorder:
+    """A DataPathHealth without the probe, and the health documents it publishes."""
+
+    def __init__(self) -> None:
+        self.documents: list[dict[str, Any]] = []
+        self.health = DataPathHealth(
+            HEALTH_TOPIC,
+            "anomalies/_probe",
+            HealthSettings(probe_timeout_s=0),
+            self._publish,
+        )
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> bool:
+        assert topic == HEALTH_TOPIC
+        assert retain
+        self.documents.append(json.loads(payload))
+        return True
+
+    def read(self, count: int, now: float, connects: int = 1) -> dict[str, Any]:
+        """Deliver one reading of the broker's count, tick, return the document."""
+        assert self.health.on_message(COUNTER_TOPIC, str(count).encode())
+        self.health.tick(now, connects, subscribed=True)
+        return self.documents[-1]
+
+    def previous_run_left(self, total: int | None) -> None:
+        """Replay the retained health document an earlier run published."""
+        document = {"origin": "anomaly-sidecar", "broker_dropped_total": total}
+        self.health.on_message(HEALTH_TOPIC, json.dumps(document).encode())
+
+
+def test_first_reading_at_start_is_a_baseline() -> None:
+    """Test that drops from before the sidecar existed are shown, not reported."""
+    recorder = _Recorder()
+
+    document = recorder.read(HISTORIC_DROPS, START)
+
+    assert document["state"] == "ok"
+    assert document["broker_dropped_total"] == HISTORIC_DROPS
+    assert document["broker_dropped_new"] == 0
+    assert document["problems"] == []
+
+
+def test_growth_after_the_baseline_is_reported_then_clears() -> None:
+    """Test that the count growing is a problem for DROP_NOTICE_S, then ok."""
+    recorder = _Recorder()
+    recorder.read(100, START)
+
+    document = recorder.read(130, START + 10)
+
+    assert document["state"] == "problem"
+    assert document["broker_dropped_new"] == 30
+    assert document["problems"] == [
+        "broker dropped 30 messages (130 since the broker started)"
+    ]
+    assert recorder.read(130, START + 10 + DROP_NOTICE_S + 1)["state"] == "ok"
+
+
+def test_counter_reset_after_broker_restart_reports_post_restart_drops() -> None:
+    """Test the tester's case: 651 before a restart, then 300 and 686 after it.
+
+    Compared with the highest total seen, 300 went unreported and 686 read as
+    35 new; the drops since the restart are 300, then 386 more.
+    """
+    recorder = _Recorder()
+    recorder.read(651, START, connects=1)
+
+    after_restart = recorder.read(300, START + 10, connects=2)
+    later = recorder.read(686, START + 20, connects=2)
+
+    assert after_restart["state"] == "problem"
+    assert after_restart["broker_dropped_new"] == 300
+    assert after_restart["problems"] == [
+        "broker restarted and dropped 300 messages since (300 since the broker started)"
+    ]
+    assert later["broker_dropped_new"] == 386
+    assert later["problems"] == [
+        "broker dropped 386 messages (686 since the broker started)"
+    ]
+
+
+def test_broker_restart_without_drops_is_not_a_problem() -> None:
+    """Test that a count that begins again at 0 is shown, and nothing is lost."""
+    recorder = _Recorder()
+    recorder.read(651, START, connects=1)
+
+    document = recorder.read(0, START + 10, connects=2)
+
+    assert document["state"] == "ok"
+    assert document["broker_dropped_total"] == 0
+    assert recorder.read(25, START + 20, connects=2)["broker_dropped_new"] == 25
+
+
+def test_drops_across_a_reconnect_to_a_broker_that_kept_running_are_reported() -> None:
+    """Test that a reconnect is no new baseline: drops while away are data lost.
+
+    With a persistent session the broker queues for the sidecar while it is
+    away and drops what does not fit (pitfalls.md #3).
+    """
+    recorder = _Recorder()
+    recorder.read(50, START, connects=1)
+
+    document = recorder.read(450, START + 10, connects=2)
+
+    assert document["state"] == "problem"
+    assert document["broker_dropped_new"] == 400
+    assert document["problems"] == [
+        "broker dropped 400 messages (450 since the broker started)"
+    ]
+
+
+def test_reconnect_without_new_drops_is_not_a_problem() -> None:
+    """Test that the same count read again after a reconnect reports nothing."""
+    recorder = _Recorder()
+    recorder.read(50, START, connects=1)
+
+    recorder.read(50, START + 10, connects=2)
+
+    assert [document["state"] for document in recorder.documents] == ["ok"]
+
+
+def test_drops_while_the_sidecar_was_stopped_count_from_its_last_document() -> None:
+    """Test that a new run compares with the total its predecessor published.
+
+    The broker replays the retained health document on subscribe; its total
+    is the last count the previous run saw.
+    """
+    recorder = _Recorder()
+    recorder.previous_run_left(100)
+
+    document = recorder.read(500, START)
+
+    assert document["broker_dropped_new"] == 400
+    assert document["state"] == "problem"
+
+
+def test_previous_document_replayed_after_the_first_reading_still_counts() -> None:
+    """Test the other order: the first reading arrives before the replay."""
+    recorder = _Recorder()
+    recorder.health.on_message(COUNTER_TOPIC, b"500")
+    recorder.previous_run_left(100)
+
+    recorder.health.tick(START, 1, subscribed=True)
+
+    assert recorder.documents[-1]["broker_dropped_new"] == 400
+
+
+def test_previous_document_without_a_total_leaves_a_baseline() -> None:
+    """Test that a run that never read the count gives nothing to compare with."""
+    recorder = _Recorder()
+    recorder.previous_run_left(None)
+
+    assert recorder.read(HISTORIC_DROPS, START)["state"] == "ok"
+
+
+def test_own_documents_coming_back_are_not_a_previous_run() -> None:
+    """Test that our published documents, echoed back, change no count."""
+    recorder = _Recorder()
+    recorder.read(500, START)
+    recorder.previous_run_left(100)
+
+    document = recorder.read(500, START + 10, connects=2)
+
+    assert document["state"] == "ok"
+    assert recorder.health.dropped_new == 0
