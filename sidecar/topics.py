@@ -21,8 +21,8 @@ __all__ = [
 ]
 
 # Device segments keep a readable, wildcard-free alphabet; anything else
-# becomes `_`. Long names are cut and suffixed with a digest so that two long
-# names cannot collide by truncation.
+# becomes `_`. Changed or cut names are suffixed with a digest of the id so
+# that two ids cannot collide by cleaning or truncation.
 _UNSAFE_SEGMENT_CHARS = re.compile(r"[^A-Za-z0-9_.:@-]")
 MAX_SEGMENT_CHARS = 96
 DIGEST_CHARS = 10
@@ -201,22 +201,27 @@ def _masked(match: re.Match[str]) -> str:
 def device_topic_segment(device: str) -> str:
     """Turn a device id into one safe topic level under the output prefix.
 
-    Wildcards, `/`, `$`, control characters and other unusual characters
-    become `_`; a leading `_` or `.` gets an `x` in front so the result never
-    looks reserved; over-long names are cut and given a digest suffix.
+    Wildcards, `/`, `$`, spaces, control characters and other unusual
+    characters become `_`; a leading `_` or `.` gets an `x` in front so the
+    result never looks reserved; over-long names are cut. Whenever the id had
+    to change, a digest of it is appended, so two ids that clean up alike
+    (`kitchen/fridge` and `kitchen_fridge`) never share a verdict topic; an
+    id that is already safe is its own segment.
 
-    >>> device_topic_segment("kitchen/floor_light")
-    'kitchen_floor_light'
+    >>> device_topic_segment("kitchen_fridge")
+    'kitchen_fridge'
+    >>> device_topic_segment("kitchen/fridge")
+    'kitchen_fridge-bb301780b4'
     >>> device_topic_segment("../+/#")
-    'x..____'
+    'x..____-50c2649ece'
     """
     segment = _UNSAFE_SEGMENT_CHARS.sub("_", device) or "unnamed"
     if segment[0] in (RESERVED_SEGMENT_PREFIX, "."):
         segment = "x" + segment
-    if len(segment) > MAX_SEGMENT_CHARS:
-        digest = hashlib.sha256(device.encode()).hexdigest()[:DIGEST_CHARS]
-        segment = f"{segment[: MAX_SEGMENT_CHARS - DIGEST_CHARS - 1]}-{digest}"
-    return segment
+    if segment == device and len(segment) <= MAX_SEGMENT_CHARS:
+        return segment
+    digest = hashlib.sha256(device.encode()).hexdigest()[:DIGEST_CHARS]
+    return f"{segment[: MAX_SEGMENT_CHARS - DIGEST_CHARS - 1]}-{digest}"
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:

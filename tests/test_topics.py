@@ -476,3 +476,20 @@ def test_topic_router_statestream_of_other_entities_is_still_telemetry(
 ) -> None:
     """Test that only the sidecar's own binary sensors are ignored."""
     assert router.route(topic) == expected
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        ("kitchen/fridge", "kitchen_fridge", "kitchen+fridge", "kitchen fridge"),
+        (" ", "_", "x_", "\t"),
+        ("a" * 200, "a" * 201, "a" * 96),
+    ],
+)
+def test_device_topic_segment_never_gives_two_ids_one_topic(
+    ids: tuple[str, ...],
+) -> None:
+    """Ids that clean up or cut alike still get verdict topics of their own."""
+    segments = [device_topic_segment(device) for device in ids]
+
+    assert len(set(segments)) == len(ids)
