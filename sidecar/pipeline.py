@@ -82,6 +82,11 @@ class Counters:
     ignored_by_override: int = 0
     verdicts_muted: int = 0
     feedback_marks: int = 0
+    # Feedback for a topic level no tracked device has, or in words other
+    # than false_positive and reset; counted, and logged once per pass.
+    feedback_unknown: int = 0
+    # Feedback dropped because more than service.FEEDBACK_QUEUE_SIZE waited.
+    feedback_dropped: int = 0
     alarms_adopted: int = 0
     publish_failures: int = 0
     worker_errors: int = 0
@@ -235,6 +240,9 @@ class Pipeline:
             spec, max_keys=limits.max_keys_per_device
         )
         self._devices: OrderedDict[str, _Tracked] = OrderedDict()
+        # Verdict topic level -> device id, for feedback; rebuilt on the first
+        # look after the tracked devices changed.
+        self._segments: dict[str, str] | None = None
 
     @property
     def devices_tracked(self) -> int:
@@ -418,11 +426,13 @@ class Pipeline:
             evicted, old = self._devices.popitem(last=False)
             self._clear_evicted(evicted, old, at)
             self._devices_changed.append(evicted)
+            self._segments = None
             self.lifecycle.forget(evicted)
             self.counters.devices_evicted += 1
             _LOG.debug("device evicted device=%r", evicted)
         tracked = _Tracked(DeviceState(self._device_spec), self.cascade.new_device())
         self._devices_changed.append(device)
+        self._segments = None
         tracked.topic = topic
         if self.overrides:
             tracked.rules = self.overrides.resolve(device, topic)
@@ -480,6 +490,14 @@ class Pipeline:
         for device, tracked in self._devices.items():
             tracked.rules = overrides.resolve(device, tracked.topic)
 
+    def device_for_segment(self, segment: str) -> str | None:
+        """The tracked device whose verdict topic level is `segment`, if any."""
+        if self._segments is None:
+            self._segments = {
+                device_topic_segment(name): name for name in self._devices
+            }
+        return self._segments.get(segment)
+
     def mark_false_positive(self, segment: str, at: float) -> list[Verdict]:
         """Apply a user's false-positive mark to the device behind a topic level.
 
@@ -488,12 +506,9 @@ class Pipeline:
         """
         if self.feedback is None:
             return []
-        device = next(
-            (name for name in self._devices if device_topic_segment(name) == segment),
-            None,
-        )
+        device = self.device_for_segment(segment)
         if device is None:
-            _LOG.warning("feedback for an unknown device segment=%r", segment)
+            self.counters.feedback_unknown += 1
             return []
         marks = self.feedback.mark(device)
         self.counters.feedback_marks += 1
@@ -531,12 +546,9 @@ class Pipeline:
         """
         if self.feedback is None:
             return
-        device = next(
-            (name for name in self._devices if device_topic_segment(name) == segment),
-            None,
-        )
+        device = self.device_for_segment(segment)
         if device is None:
-            _LOG.warning("feedback reset for an unknown device segment=%r", segment)
+            self.counters.feedback_unknown += 1
             return
         marks = self.feedback.reset(device)
         _LOG.info("false positive marks reset device=%r marks=%d", device, marks)

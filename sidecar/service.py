@@ -251,6 +251,8 @@ class Service:
         ):
             counters.own_output += 1
             if message.topic.startswith(self._feedback_prefix):
+                if len(self._feedback) == FEEDBACK_QUEUE_SIZE:
+                    counters.feedback_dropped += 1
                 self._feedback.append(message)
             elif message.retain and message.topic.startswith(self._output_level):
                 # What a previous run left raised, replayed on subscribe.
@@ -394,23 +396,33 @@ class Service:
             request()
 
     def _apply_feedback(self) -> None:
+        if not self._feedback:
+            return
+        counters = self.pipeline.counters
+        unknown_before = counters.feedback_unknown
         while self._feedback:
             message = self._feedback.popleft()
             segment = message.topic[len(self._feedback_prefix) :]
             word = message.payload.strip().lower()
             if word == RESET:
                 self.pipeline.reset_feedback(segment)
-                continue
-            if word != FALSE_POSITIVE:
-                _LOG.warning(
-                    "feedback not understood segment=%r; publish %s or %s",
-                    segment,
-                    FALSE_POSITIVE.decode(),
-                    RESET.decode(),
-                )
-                continue
-            cleared = self.pipeline.mark_false_positive(segment, time.time())
-            self._publish(BatchResult(verdicts=cleared))
+            elif word == FALSE_POSITIVE:
+                cleared = self.pipeline.mark_false_positive(segment, time.time())
+                self._publish(BatchResult(verdicts=cleared))
+            else:
+                counters.feedback_unknown += 1
+        # One line per pass, not per message: a flood of junk feedback must
+        # not become a flood of log lines.
+        unknown = counters.feedback_unknown - unknown_before
+        if unknown:
+            _LOG.warning(
+                "feedback ignored count=%d; publish %s or %s on %s<device level> "
+                "of a tracked device",
+                unknown,
+                FALSE_POSITIVE.decode(),
+                RESET.decode(),
+                self._feedback_prefix,
+            )
 
     def _adopt_retained(self) -> None:
         skip = len(self._output_level)

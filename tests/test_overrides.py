@@ -182,6 +182,21 @@ def test_feedback_reset_takes_back_the_marks_and_the_device_alarms_again(
     assert FeedbackStore(settings.feedback).marks("plug") == 0
 
 
+def test_feedback_for_unknown_devices_is_counted_not_applied(tmp_path: Path) -> None:
+    """A flood of marks for devices nobody tracks costs a lookup each, no more."""
+    state_file = tmp_path / "fb.json"
+    pipeline = _pipeline(tmp_path, feedback={"state_file": str(state_file)})
+    assert _raised(pipeline, "zigbee2mqtt/plug") == ["plug"]
+
+    for index in range(1000):
+        assert pipeline.mark_false_positive(f"ghost_{index}", 1000.0) == []
+    pipeline.reset_feedback("ghost_0")
+
+    assert pipeline.counters.feedback_unknown == 1001
+    assert pipeline.counters.feedback_marks == 0
+    assert not state_file.exists()
+
+
 def test_feedback_store_survives_a_broken_file(tmp_path: Path) -> None:
     """Test that an unreadable feedback file starts empty instead of failing."""
     path = tmp_path / "fb.json"
