@@ -32,7 +32,13 @@ from sidecar.topics import (
     filter_matches,
 )
 from sidecar.transport import Transport, TransportFactory
-from sidecar.verdicts import ORIGIN, OWN_OUTPUT_MARK, AlarmLifecycle, Verdict
+from sidecar.verdicts import (
+    ORIGIN,
+    OWN_OUTPUT_MARK,
+    AlarmLifecycle,
+    Transition,
+    Verdict,
+)
 
 __all__ = [
     "Service",
@@ -66,6 +72,12 @@ STOP_BATCH_GRACE_S = 2.0
 HELD_MESSAGES_LIMIT = 10_000
 # Counters are logged at INFO this often.
 STATS_INTERVAL_S = 60.0
+# After a reconnect, how long the retained copies of the raised verdicts have
+# to come back through the subscription before the broker is taken to have
+# lost them (a restart without persistence, Mosquitto's default) and they are
+# published again. The broker replays retained messages right after SUBACK;
+# seconds leave room for a busy broker.
+REPLAY_GRACE_S = 5.0
 # Feedback messages waiting for the worker; users send a handful a day, so
 # past this the oldest are dropped (deque maxlen), never buffered without end.
 FEEDBACK_QUEUE_SIZE = 1000
@@ -177,6 +189,20 @@ class Service:
         self._retained: collections.deque[Message] = collections.deque(
             maxlen=RETAINED_QUEUE_SIZE
         )
+        # Raised verdicts and conditions standing now (topic -> payload), and
+        # which connection last saw each come back retained: after a
+        # reconnect, those the broker no longer holds are published again.
+        self._standing: dict[str, bytes] = {}
+        self._replayed: dict[str, int] = {}
+        self._replays_checked = 1
+        self._replay_deadline: float | None = None
+        self._sees_output = any(
+            filter_matches(topic_filter, f"{settings.output.prefix}/x")
+            for topic_filter in settings.subscribe.include
+        ) and not any(
+            filter_matches(topic_filter, f"{settings.output.prefix}/x")
+            for topic_filter in settings.subscribe.exclude
+        )
         # Work handed to the worker from other threads (reloads), run between
         # batches so the pipeline is only ever touched by the worker.
         self._requests: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -254,9 +280,13 @@ class Service:
                 if len(self._feedback) == FEEDBACK_QUEUE_SIZE:
                     counters.feedback_dropped += 1
                 self._feedback.append(message)
-            elif message.retain and message.topic.startswith(self._output_level):
-                # What a previous run left raised, replayed on subscribe.
-                self._retained.append(message)
+            elif message.topic.startswith(self._output_level):
+                if message.topic in self._standing:
+                    # The broker has it on this connection, retained.
+                    self._replayed[message.topic] = self.adapter.connects
+                if message.retain:
+                    # What a previous run left raised, replayed on subscribe.
+                    self._retained.append(message)
             return
         pending = self._pending
         if len(pending) >= self._queue_size:
@@ -315,6 +345,7 @@ class Service:
             self._run_requests()
             self._apply_feedback()
             self._adopt_retained()
+            self._restore_standing()
             if self.discovery is not None:
                 self.discovery.tick(
                     self.adapter.connects,
@@ -435,6 +466,40 @@ class Service:
                 self.pipeline.adopt(level, message.payload, message.received_at)
             )
 
+    def _restore_standing(self) -> None:
+        """Publish again the raised verdicts a reconnected broker no longer holds.
+
+        Only when the subscription covers the output prefix: otherwise their
+        retained copies cannot be seen coming back, and publishing them again
+        after every reconnect would notify users of the same alarms again.
+        """
+        connects = self.adapter.connects
+        if connects <= self._replays_checked or not self._sees_output:
+            return
+        if not self.adapter.subscribed.is_set():
+            self._replay_deadline = None
+            return
+        now = time.monotonic()
+        if self._replay_deadline is None:
+            self._replay_deadline = now + REPLAY_GRACE_S
+            return
+        if now < self._replay_deadline:
+            return
+        self._replays_checked = connects
+        self._replay_deadline = None
+        missing = [
+            topic for topic in self._standing if self._replayed.get(topic) != connects
+        ]
+        for topic in missing:
+            if not self._send(topic, self._standing[topic], True):
+                self.pipeline.counters.publish_failures += 1
+        if missing:
+            _LOG.warning(
+                "raised verdicts published again count=%d; the broker came back "
+                "without their retained copies (restarted without persistence?)",
+                len(missing),
+            )
+
     def _shed_queued(self) -> None:
         shed = 0
         popleft = self._pending.popleft
@@ -481,9 +546,9 @@ class Service:
         output = self.settings.output
         for verdict in result.verdicts:
             topic = verdict_topic(output.prefix, verdict.device)
-            outcome = self.adapter.publish(
-                topic, verdict.to_json(), output.qos, retain=True
-            )
+            payload = verdict.to_json()
+            self._note_standing(topic, payload, verdict.state)
+            outcome = self.adapter.publish(topic, payload, output.qos, retain=True)
             if not outcome.accepted:
                 self.pipeline.counters.publish_failures += 1
                 _LOG.error(
@@ -519,7 +584,9 @@ class Service:
         prefix = self.settings.output.prefix
         for item in found:
             topic = condition_topic(prefix, item.device, item.kind)
-            if not self._send(topic, item.to_json(), True):
+            payload = item.to_json()
+            self._note_standing(topic, payload, item.state)
+            if not self._send(topic, payload, True):
                 self.pipeline.counters.publish_failures += 1
                 _LOG.error("condition not published topic=%s", topic)
             _LOG.info(
@@ -529,6 +596,13 @@ class Service:
                 item.state.value,
                 item.reason(),
             )
+
+    def _note_standing(self, topic: str, payload: bytes, state: Transition) -> None:
+        if state is Transition.RAISED:
+            self._standing[topic] = payload
+        else:
+            self._standing.pop(topic, None)
+            self._replayed.pop(topic, None)
 
     def _send(self, topic: str, payload: bytes, retain: bool) -> bool:
         """Publish at the output QoS; return whether the client took it."""

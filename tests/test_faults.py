@@ -35,7 +35,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.detector import LoadedModels, Scorer, load_cascade
 from sidecar.mqtt import RECONNECT_JITTER_S, RECONNECT_MIN_S, MqttAdapter
-from sidecar.service import Service, build_pipeline, status_topic, verdict_topic
+from sidecar.service import (
+    REPLAY_GRACE_S,
+    Service,
+    build_pipeline,
+    status_topic,
+    verdict_topic,
+)
 from sidecar.stream import Message
 
 pytestmark = pytest.mark.broker
@@ -864,3 +870,66 @@ def test_cli_run_survives_a_burst_of_sighups_then_stops_cleanly(
     assert code == 0, log
     assert "stopping signal=SIGTERM" in log
     assert "reloading signal=SIGHUP" in log
+
+
+def test_service_publishes_standing_verdicts_again_to_a_broker_that_lost_them(
+    mosquitto: RestartableMosquitto, models: LoadedModels
+) -> None:
+    """Test that a restart without persistence does not erase a standing alarm.
+
+    Mosquitto keeps retained messages in memory unless persistence is on
+    (its default is off): after a restart the raised verdict was gone, while
+    the sidecar still held the device in alarm.
+    """
+    broker = mosquitto.address
+    settings = _settings(broker)
+    offline_topic = "anomalies/garage_plug/offline"
+    with _running(settings, models) as service:
+        with _publisher(broker) as client:
+            client.publish("tele/garage_plug/LWT", b"Offline", qos=1)
+        with MessageCollector(broker, offline_topic) as before:
+            before.wait_for(bool)
+
+        mosquitto.stop()
+        mosquitto.start()
+        _wait_until(
+            lambda: service.adapter.connects >= 2, RECONNECT_TIMEOUT_S, "reconnected"
+        )
+        with MessageCollector(broker, offline_topic) as after:
+            seen = after.wait_for(bool, timeout=REPLAY_GRACE_S + VERDICT_TIMEOUT_S)
+    restored = json.loads(seen[-1].payload)
+    assert restored["state"] == "raised"
+    assert restored["kind"] == "offline"
+
+
+def test_service_does_not_repeat_standing_verdicts_the_broker_kept(
+    mosquitto: RestartableMosquitto, models: LoadedModels
+) -> None:
+    """Test that a reconnect to a broker that kept them publishes nothing again.
+
+    A second `raised` would notify Home Assistant and Node-RED users again
+    for an alarm they already know about.
+    """
+    broker = mosquitto.address
+    settings = _settings(broker)
+    offline_topic = "anomalies/garage_plug/offline"
+    with _running(settings, models) as service:
+        with _publisher(broker) as client:
+            client.publish("tele/garage_plug/LWT", b"Offline", qos=1)
+        with MessageCollector(broker, offline_topic) as before:
+            before.wait_for(bool)
+
+        with MessageCollector(broker, offline_topic) as after:
+            after.wait_for(bool)  # the retained copy, on subscribing
+            mosquitto.freeze()
+            time.sleep(FREEZE_S)
+            mosquitto.thaw()
+            _wait_until(
+                lambda: service.adapter.connects >= 2,
+                RECONNECT_TIMEOUT_S,
+                "reconnected",
+            )
+            time.sleep(REPLAY_GRACE_S + 1.0)
+            seen = after.messages
+
+    assert [m.retain for m in seen] == [True]
