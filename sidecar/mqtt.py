@@ -12,8 +12,10 @@ outgoing queue and sends them after the next CONNACK), up to `max_queued`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import ssl
 import sys
 import threading
@@ -261,10 +263,18 @@ class MqttAdapter:
                 "DISCONNECT so the broker publishes the last will",
                 self._status_topic,
             )
-            self._client.loop_stop()
+            # Shut first: paho's loop does not end while messages wait to be
+            # acknowledged on a live connection (Client.loop_forever), so
+            # loop_stop alone could wait forever. A shut socket ends the
+            # connection; disconnect() then only marks the client as leaving
+            # (its DISCONNECT cannot reach the broker) so paho does not
+            # reconnect, and the loop ends.
             sock = self._client.socket()
-            if sock is not None:
-                sock.close()
+            if isinstance(sock, socket.socket):  # TLS sockets are ones too
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._client.disconnect()
+            self._client.loop_stop()
         _LOG.info("disconnected host=%s port=%d", self._broker.host, self._broker.port)
 
     def _jitter(self) -> None:
