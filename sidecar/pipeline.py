@@ -38,7 +38,7 @@ from sidecar.overrides import NO_RULES, DeviceRules, FeedbackStore, OverrideTabl
 from sidecar.payload import PayloadKind, Readings, parse_payload
 from sidecar.stream import Message
 from sidecar.topics import Route, RouteKind, TopicRouter, device_topic_segment
-from sidecar.verdicts import AlarmLifecycle, Transition, Verdict
+from sidecar.verdicts import OWN_OUTPUT_MARK, AlarmLifecycle, Transition, Verdict
 
 __all__ = ["BatchResult", "Counters", "Pipeline", "WindowScore"]
 
@@ -167,7 +167,9 @@ def channel_readings(payload: bytes, channel: str, max_bytes: int) -> Readings:
 
 def _own_verdict(payload: bytes, max_bytes: int) -> dict[str, Any] | None:
     """A raised verdict of ours as a mapping, or None for anything else."""
-    if len(payload) > max_bytes:
+    if len(payload) > max_bytes or not payload.startswith(OWN_OUTPUT_MARK):
+        # Only what this sidecar wrote (it opens with its origin) is taken
+        # over: anyone may leave a retained message under the prefix.
         return None
     try:
         document = json.loads(payload)
@@ -599,7 +601,7 @@ class Pipeline:
                 )
                 for item in document.get("keys", [])
             ]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return result
         if kind in tracked.watch.raised():
             return result

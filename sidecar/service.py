@@ -193,6 +193,11 @@ class Service:
         # which connection last saw each come back retained: after a
         # reconnect, those the broker no longer holds are published again.
         self._standing: dict[str, bytes] = {}
+        # Verdicts the MQTT client refused (its queue was full), newest per
+        # topic, sent again on each pass until it takes them: a verdict is
+        # never dropped for want of room.
+        self._unsent: dict[str, bytes] = {}
+        self._last_tick = self._last_check = self._last_stats = 0.0
         self._replayed: dict[str, int] = {}
         self._replays_checked = 1
         self._replay_deadline: float | None = None
@@ -332,7 +337,16 @@ class Service:
 
     def _work(self) -> None:
         batch_size = self.settings.limits.batch_size
-        last_stats = last_tick = last_check = time.monotonic()
+        self._last_tick = self._last_check = self._last_stats = time.monotonic()
+        housekeeping = (
+            self._run_requests,
+            self._apply_feedback,
+            self._adopt_retained,
+            self._restore_standing,
+            self._retry_unsent,
+            self._tick_discovery,
+            self._tick_clocks,
+        )
         while True:
             if self._stop.is_set() and time.monotonic() >= self._drain_deadline:
                 self._shed_queued()
@@ -342,28 +356,37 @@ class Service:
                 self._handle(batch)
             elif self._stop.is_set():
                 return
-            self._run_requests()
-            self._apply_feedback()
-            self._adopt_retained()
-            self._restore_standing()
-            if self.discovery is not None:
-                self.discovery.tick(
-                    self.adapter.connects,
-                    self.adapter.connected.is_set(),
-                    self.pipeline.device_ids,
-                )
-            now = time.monotonic()
-            if now - last_tick >= TICK_INTERVAL_S:
-                last_tick = now
-                self.health.tick(
-                    time.time(), self.adapter.connects, self.adapter.subscribed.is_set()
-                )
-            if now - last_check >= self.settings.conditions.check_interval_s:
-                last_check = now
-                self._publish_conditions(self.pipeline.check(time.time()))
-            if now - last_stats >= STATS_INTERVAL_S:
-                last_stats = now
-                _LOG.info("stats %s", _format_counters(self.counters))
+            for step in housekeeping:
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - the worker must outlive any step
+                    # Each step reads what others send (retained messages,
+                    # feedback, broker counters); a bug or a hostile input
+                    # there must not end the worker, which scores everything.
+                    self.pipeline.counters.worker_errors += 1
+                    _LOG.exception("worker step failed step=%s", step.__name__)
+
+    def _tick_discovery(self) -> None:
+        if self.discovery is not None:
+            self.discovery.tick(
+                self.adapter.connects,
+                self.adapter.connected.is_set(),
+                self.pipeline.device_ids,
+            )
+
+    def _tick_clocks(self) -> None:
+        now = time.monotonic()
+        if now - self._last_tick >= TICK_INTERVAL_S:
+            self._last_tick = now
+            self.health.tick(
+                time.time(), self.adapter.connects, self.adapter.subscribed.is_set()
+            )
+        if now - self._last_check >= self.settings.conditions.check_interval_s:
+            self._last_check = now
+            self._publish_conditions(self.pipeline.check(time.time()))
+        if now - self._last_stats >= STATS_INTERVAL_S:
+            self._last_stats = now
+            _LOG.info("stats %s", _format_counters(self.counters))
 
     def reload(self, settings: Settings) -> None:
         """Apply what can change while running; name what needs a restart.
@@ -462,9 +485,15 @@ class Service:
             level = message.topic[skip:]
             if level.startswith("_"):
                 continue
-            self._publish(
-                self.pipeline.adopt(level, message.payload, message.received_at)
-            )
+            adopted = self.pipeline.counters.alarms_adopted
+            result = self.pipeline.adopt(level, message.payload, message.received_at)
+            if self.pipeline.counters.alarms_adopted > adopted and not (
+                result.verdicts or result.conditions
+            ):
+                # Held as if raised by this run, so also restored like one
+                # after a broker restart.
+                self._standing[message.topic] = message.payload
+            self._publish(result)
 
     def _restore_standing(self) -> None:
         """Publish again the raised verdicts a reconnected broker no longer holds.
@@ -492,7 +521,7 @@ class Service:
         ]
         for topic in missing:
             if not self._send(topic, self._standing[topic], True):
-                self.pipeline.counters.publish_failures += 1
+                self._refused(topic, self._standing[topic], "the client refused it")
         if missing:
             _LOG.warning(
                 "raised verdicts published again count=%d; the broker came back "
@@ -550,10 +579,7 @@ class Service:
             self._note_standing(topic, payload, verdict.state)
             outcome = self.adapter.publish(topic, payload, output.qos, retain=True)
             if not outcome.accepted:
-                self.pipeline.counters.publish_failures += 1
-                _LOG.error(
-                    "verdict not published topic=%s error=%s", topic, outcome.error
-                )
+                self._refused(topic, payload, outcome.error)
             elif outcome.held:
                 _LOG.info("verdict held until the broker is back topic=%s", topic)
             _LOG.info(
@@ -587,8 +613,7 @@ class Service:
             payload = item.to_json()
             self._note_standing(topic, payload, item.state)
             if not self._send(topic, payload, True):
-                self.pipeline.counters.publish_failures += 1
-                _LOG.error("condition not published topic=%s", topic)
+                self._refused(topic, payload, "the client refused it")
             _LOG.info(
                 "condition device=%r kind=%s state=%s reason=%r",
                 item.device,
@@ -597,7 +622,27 @@ class Service:
                 item.reason(),
             )
 
+    def _refused(self, topic: str, payload: bytes, error: str | None) -> None:
+        self.pipeline.counters.publish_failures += 1
+        self._unsent[topic] = payload
+        _LOG.warning(
+            "verdict not published yet topic=%s error=%s; sent again when the "
+            "client takes it",
+            topic,
+            error,
+        )
+
+    def _retry_unsent(self) -> None:
+        while self._unsent:
+            topic, payload = next(iter(self._unsent.items()))
+            if not self._send(topic, payload, True):
+                return
+            del self._unsent[topic]
+            _LOG.info("verdict published after a refusal topic=%s", topic)
+
     def _note_standing(self, topic: str, payload: bytes, state: Transition) -> None:
+        # A newer verdict for a topic replaces one still waiting to be sent.
+        self._unsent.pop(topic, None)
         if state is Transition.RAISED:
             self._standing[topic] = payload
         else:

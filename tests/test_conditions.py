@@ -399,6 +399,28 @@ def test_adopted_condition_that_is_switched_off_now_is_cleared(
             id="device_not_of_this_level",
         ),
         pytest.param("hall_motion/silent", b"raised", id="not_json"),
+        pytest.param(
+            "hall_motion/silent",
+            b'{"device":"hall_motion","kind":"silent","state":"raised",'
+            b'"since":"2026-12-04T10:00:00+00:00"}',
+            id="no_origin_so_not_ours",
+        ),
+        pytest.param(
+            "hall_motion/frozen",
+            b'{"origin":"anomaly-sidecar","device":"hall_motion","kind":"frozen",'
+            b'"state":"raised","since":"2026-12-04T10:00:00+00:00","keys":[{"key":'
+            b'"t","since":"2026-12-04T10:00:00+00:00","messages":Infinity,"value":1}]}',
+            id="infinite_count",
+        ),
+        pytest.param(
+            "hall_motion/frozen",
+            b'{"origin":"anomaly-sidecar","device":"hall_motion","kind":"frozen",'
+            b'"state":"raised","since":"2026-12-04T10:00:00+00:00","keys":[{"key":'
+            b'"t","since":"2026-12-04T10:00:00+00:00","messages":3,"value":'
+            + b"9" * 400
+            + b"}]}",
+            id="value_beyond_float",
+        ),
         pytest.param("hall_motion/silent/x", b"{}", id="too_deep"),
         pytest.param(
             "hall_motion/sleepy",

@@ -7,7 +7,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -18,7 +18,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sidecar.conditions import ConditionKind, ConditionVerdict
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.detector import LoadedModels, load_cascade
-from sidecar.service import Service
+from sidecar.mqtt import MqttAdapter, PublishOutcome
+from sidecar.service import Service, verdict_topic
+from sidecar.stream import Message
 from sidecar.verdicts import Transition, Verdict
 
 pytestmark = pytest.mark.broker
@@ -314,6 +316,106 @@ def test_service_clears_alarms_a_previous_run_left_retained(
     # reported since), which changes nothing for Home Assistant.
     assert counters["alarms_adopted"] >= 2
     assert counters["verdicts_raised"] == 0
+
+
+def test_service_worker_outlives_a_failing_step(
+    broker: BrokerAddress, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step between batches that raises is counted; scoring goes on.
+
+    A tester's retained junk under anomalies/ once raised inside adoption,
+    outside the batch's guard, and the worker thread ended for good.
+    """
+    device = "survivor_plug"
+    for topic, payload in _previous_run_alarms(device, time.time() - 60).items():
+        publish(broker, topic, payload, qos=1, retain=True)
+    settings = _settings(broker)
+
+    def broken_adopt(*args: Any) -> None:
+        message = "injected fault"
+        raise RuntimeError(message)
+
+    models = load_cascade(settings.models, settings.detection, settings.window.length)
+    service = Service(settings, models)
+    monkeypatch.setattr(service.pipeline, "adopt", broken_adopt)
+    service.start()
+    try:
+        assert service.adapter.subscribed.wait(CONNECT_TIMEOUT_S)
+        _publish_readings(broker, f"zigbee2mqtt/{device}", MESSAGES_TO_SCORE)
+        deadline = time.monotonic() + VERDICT_TIMEOUT_S
+        while service.counters["processed"] < MESSAGES_TO_SCORE:
+            assert time.monotonic() < deadline, service.counters
+            time.sleep(0.05)
+        counters = service.counters
+    finally:
+        service.stop()
+
+    assert counters["worker_errors"] >= 1
+    assert counters["processed"] == MESSAGES_TO_SCORE
+
+
+class _RefusingAdapter(MqttAdapter):
+    """The real MQTT adapter, whose client refuses the first few verdicts.
+
+    Fault injection for a full client queue, which a tester filled with
+    Home Assistant discovery configs until a verdict was refused and lost.
+    """
+
+    topic = ""
+    refusals = 0
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool = False
+    ) -> PublishOutcome:
+        if topic == self.topic and self.refusals > 0:
+            self.refusals -= 1
+            # What paho's publish returns when its queue is full.
+            refused = mqtt.MQTTMessageInfo(0)
+            refused.rc = mqtt.MQTT_ERR_QUEUE_SIZE
+            return PublishOutcome(refused, qos)
+        return super().publish(topic, payload, qos, retain)
+
+
+def test_service_sends_a_refused_verdict_again_until_the_client_takes_it(
+    broker: BrokerAddress,
+) -> None:
+    device = "crowded_plug"
+    verdicts = verdict_topic("anomalies", device)
+    settings = _settings(
+        broker,
+        rf_threshold=0.0,
+        cnn_threshold=0.0,
+        fused_threshold=0.0,
+        alarm_after=1,
+        clear_after=10_000,
+    )
+    models = load_cascade(settings.models, settings.detection, settings.window.length)
+
+    def transport(on_message: Callable[[Message], None]) -> MqttAdapter:
+        adapter = _RefusingAdapter(
+            settings.broker, ["#"], "anomalies/_status", on_message
+        )
+        adapter.topic, adapter.refusals = verdicts, 3
+        return adapter
+
+    service = Service(settings, models, transport=transport)
+    service.start()
+    try:
+        assert service.adapter.subscribed.wait(CONNECT_TIMEOUT_S)
+        with MessageCollector(broker, verdicts) as output:
+            _publish_readings(broker, f"zigbee2mqtt/{device}", MESSAGES_TO_SCORE)
+            seen = output.wait_for(
+                lambda got: any(m.topic == verdicts for m in got),
+                timeout=VERDICT_TIMEOUT_S,
+            )
+        counters = service.counters
+    finally:
+        service.stop()
+
+    # Refused once, then sent again on each pass until the client took it.
+    sent = [json.loads(m.payload) for m in seen if m.topic == verdicts]
+    assert sent[0]["state"] == "raised"
+    assert counters["publish_failures"] == 1
 
 
 def _cleared_topics(seen: list[ReceivedMessage]) -> set[str]:
