@@ -344,6 +344,9 @@ DEFAULT_TOPIC_RULES: list[dict[str, str]] = [
         r"tuya/(?P<device>[^/]+)/(?P<secret_key>[^/]+)/(?P<secret_ip>[^/]+)",
         channel="",
     ),
+    # Any other shape under tuya/ (a trailing slash, the key without an IP,
+    # other bridges' layouts): everything after the id may be a secret.
+    _rule(r"tuya/(?P<device>[^/]+)(?P<secret_rest>/.*)?", channel=""),
     _rule(r"(tele|stat)/(?P<device>[^/]+)/(?P<channel>.+)", channel="{channel}"),
     _rule(r"shellies/(?P<device>[^/]+)/(?P<channel>.+)", channel="{channel}"),
     _rule(

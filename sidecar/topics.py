@@ -26,6 +26,9 @@ __all__ = [
 _UNSAFE_SEGMENT_CHARS = re.compile(r"[^A-Za-z0-9_.:@-]")
 MAX_SEGMENT_CHARS = 96
 DIGEST_CHARS = 10
+# How a segment made from a changed id ends; an id that already ends so is
+# given a digest of its own too, so it can never take another id's segment.
+_DIGEST_ENDING = re.compile(rf"-[0-9a-f]{{{DIGEST_CHARS}}}$")
 # Reserved segments under the output prefix start with `_`; device segments
 # never do, so a device can never be mistaken for the status or score topics.
 RESERVED_SEGMENT_PREFIX = "_"
@@ -206,7 +209,8 @@ def device_topic_segment(device: str) -> str:
     result never looks reserved; over-long names are cut. Whenever the id had
     to change, a digest of it is appended, so two ids that clean up alike
     (`kitchen/fridge` and `kitchen_fridge`) never share a verdict topic; an
-    id that is already safe is its own segment.
+    id that is already safe is its own segment, unless it ends like such a
+    digest (`-` and ten hex digits), when it is given one too.
 
     >>> device_topic_segment("kitchen_fridge")
     'kitchen_fridge'
@@ -218,7 +222,13 @@ def device_topic_segment(device: str) -> str:
     segment = _UNSAFE_SEGMENT_CHARS.sub("_", device) or "unnamed"
     if segment[0] in (RESERVED_SEGMENT_PREFIX, "."):
         segment = "x" + segment
-    if segment == device and len(segment) <= MAX_SEGMENT_CHARS:
+    if (
+        segment == device
+        and len(segment) <= MAX_SEGMENT_CHARS
+        and _DIGEST_ENDING.search(segment) is None
+    ):
+        # Kept as it is only if it cannot be mistaken for a changed id's
+        # segment, which always ends in a digest.
         return segment
     digest = hashlib.sha256(device.encode()).hexdigest()[:DIGEST_CHARS]
     return f"{segment[: MAX_SEGMENT_CHARS - DIGEST_CHARS - 1]}-{digest}"

@@ -420,6 +420,28 @@ def test_tuya_bridge_topic_without_suffix_masks_key_and_ip(device_id: str) -> No
     assert "192.168.1.40" not in route.public_topic
 
 
+@pytest.mark.parametrize(
+    "rest",
+    [
+        "/0f1e2d3c4b5a6978/192.168.1.40/",
+        "/0f1e2d3c4b5a6978",
+        "/0f1e2d3c4b5a6978/",
+        "/0f1e2d3c4b5a6978/192.168.1.40//dps",
+    ],
+)
+def test_tuya_bridge_topic_of_any_other_shape_masks_all_after_the_id(
+    rest: str,
+) -> None:
+    """Shapes no Tuya rule foresaw still never echo the key or the IP."""
+    router = TopicRouter(Settings().topics, output_prefix="anomalies")
+
+    route = router.route(f"tuya/bf0123{rest}")
+
+    assert route.device == "bf0123"
+    assert "0f1e2d3c4b5a6978" not in route.public_topic + route.channel
+    assert "192.168.1.40" not in route.public_topic + route.channel
+
+
 # What Home Assistant names the sidecar's own entities (discovery.py): the
 # watched device's name plus "Anomaly" or "Anomaly <condition>", and the
 # sidecar device's name plus its status and data path sensors.
@@ -484,6 +506,9 @@ def test_topic_router_statestream_of_other_entities_is_still_telemetry(
         ("kitchen/fridge", "kitchen_fridge", "kitchen+fridge", "kitchen fridge"),
         (" ", "_", "x_", "\t"),
         ("a" * 200, "a" * 201, "a" * 96),
+        # An id crafted to equal another's segment, and one its cut form.
+        ("kitchen/fridge", device_topic_segment("kitchen/fridge")),
+        ("a" * 200, device_topic_segment("a" * 200)),
     ],
 )
 def test_device_topic_segment_never_gives_two_ids_one_topic(
