@@ -451,9 +451,15 @@ class _Recorder:
         return [p for t, p, _ in self.sent if f"/{object_id}_anomaly/" in t]
 
 
-def _discovery(publish: _Recorder) -> Discovery:
+def _discovery(publish: _Recorder, birth_resend_min_s: float = 0.0) -> Discovery:
+    # No pacing between passes: each tick below is one pass.
     return Discovery(
-        DiscoverySettings(), OutputSettings(), ConditionSettings(), publish
+        DiscoverySettings(),
+        OutputSettings(),
+        ConditionSettings(),
+        publish,
+        pass_interval_s=0.0,
+        birth_resend_min_s=birth_resend_min_s,
     )
 
 
@@ -489,6 +495,24 @@ def test_discovery_resends_after_birth_and_reconnect() -> None:
     discovery.tick(2, True, lambda: ["hall"])
 
     assert len(recorder.configs_for("hall")) == 3
+
+
+def test_discovery_births_in_a_burst_re_send_once() -> None:
+    """A flood of Home Assistant births re-sends the configs once, not per birth.
+
+    A tester's loop of births filled the MQTT client's queue with configs
+    until a verdict was refused.
+    """
+    recorder = _Recorder()
+    discovery = _discovery(recorder, birth_resend_min_s=3600.0)
+    discovery.tick(1, True, lambda: ["hall"])
+
+    for _ in range(100):
+        discovery.on_message("homeassistant/status", b"online")
+        discovery.tick(1, True, lambda: ["hall"])
+
+    # The first send, and one re-send for the whole burst.
+    assert len(recorder.configs_for("hall")) == 2
 
 
 def test_discovery_waits_while_disconnected_or_refused() -> None:
