@@ -81,6 +81,8 @@ REPLAY_GRACE_S = 5.0
 # Feedback messages waiting for the worker; users send a handful a day, so
 # past this the oldest are dropped (deque maxlen), never buffered without end.
 FEEDBACK_QUEUE_SIZE = 1000
+# Ignored feedback is logged at most this often, with its count.
+FEEDBACK_LOG_INTERVAL_S = 10.0
 # Retained verdicts of a previous run waiting for the worker to carry them
 # over: one per device and kind (five kinds), for the default 10,000
 # devices; past it the oldest are dropped (deque maxlen) and stay retained.
@@ -197,6 +199,8 @@ class Service:
         # topic, sent again on each pass until it takes them: a verdict is
         # never dropped for want of room.
         self._unsent: dict[str, bytes] = {}
+        self._feedback_ignored = 0
+        self._feedback_logged = -math.inf
         self._last_tick = self._last_check = self._last_stats = 0.0
         self._replayed: dict[str, int] = {}
         self._replays_checked = 1
@@ -465,18 +469,23 @@ class Service:
                 self._publish(BatchResult(verdicts=cleared))
             else:
                 counters.feedback_unknown += 1
-        # One line per pass, not per message: a flood of junk feedback must
-        # not become a flood of log lines.
-        unknown = counters.feedback_unknown - unknown_before
-        if unknown:
+        # At most one line per FEEDBACK_LOG_INTERVAL_S, with the count since
+        # the last: a flood of junk feedback must not become one of log lines.
+        self._feedback_ignored += counters.feedback_unknown - unknown_before
+        now = time.monotonic()
+        if self._feedback_ignored and now - self._feedback_logged >= (
+            FEEDBACK_LOG_INTERVAL_S
+        ):
             _LOG.warning(
                 "feedback ignored count=%d; publish %s or %s on %s<device level> "
                 "of a tracked device",
-                unknown,
+                self._feedback_ignored,
                 FALSE_POSITIVE.decode(),
                 RESET.decode(),
                 self._feedback_prefix,
             )
+            self._feedback_ignored = 0
+            self._feedback_logged = now
 
     def _adopt_retained(self) -> None:
         skip = len(self._output_level)
