@@ -479,7 +479,7 @@ def _spans(
     if slot < lengths[0]:
         message = (
             f"{episodes} episodes of {lengths[0]}+ messages do not fit in "
-            f"{room} messages after message {earliest}"
+            f"{max(room, 0)} messages after message {earliest}"
         )
         raise ValueError(message)
     spans = []
