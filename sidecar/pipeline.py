@@ -131,6 +131,10 @@ class _Tracked:
     rules: DeviceRules = NO_RULES
     topic: str = ""
     seq: int = -1
+    # Whether `topic` is a telemetry topic yet: a device first seen through
+    # its availability (zigbee2mqtt's retained `.../availability`) takes its
+    # first telemetry topic instead, for topic overrides and verdicts.
+    telemetry: bool = False
 
 
 _AnyVerdict = TypeVar("_AnyVerdict", Verdict, ConditionVerdict)
@@ -252,8 +256,9 @@ class Pipeline:
         return len(self._devices)
 
     def tracks(self, device: str) -> bool:
-        """Return whether a device currently has state."""
-        return device in self._devices
+        """Return whether a device currently has state and is not ignored."""
+        tracked = self._devices.get(device)
+        return tracked is not None and not tracked.rules.ignore
 
     def device_ids(self) -> list[str]:
         """The devices that currently have state, least recently seen first."""
@@ -328,7 +333,8 @@ class Pipeline:
             )
             if transition is None:
                 continue
-            if own.muted(message.received_at):
+            # Only raises are muted (see _unmuted).
+            if transition is Transition.RAISED and own.muted(message.received_at):
                 self.counters.verdicts_muted += 1
                 continue
             if transition is Transition.RAISED:
@@ -371,6 +377,13 @@ class Pipeline:
             self.counters.retained_replays += 1
             return None
         tracked = self._tracked(route.device, message.received_at, message.topic)
+        if not tracked.telemetry:
+            tracked.telemetry = True
+            if tracked.topic != message.topic:
+                tracked.topic = message.topic
+                if self.overrides:
+                    tracked.rules = self.overrides.resolve(route.device, message.topic)
+                self._devices_changed.append(route.device)
         if tracked.rules.ignore:
             self.counters.ignored_by_override += 1
             return None
@@ -659,7 +672,9 @@ class Pipeline:
         for item in found:
             tracked = self._devices.get(item.device)
             rules = tracked.rules if tracked is not None else NO_RULES
-            if rules.muted(_verdict_time(item)):
+            # Only raises are muted: a clear swallowed by a mute window would
+            # leave the alarm standing in Home Assistant until the next one.
+            if item.state is Transition.RAISED and rules.muted(_verdict_time(item)):
                 self.counters.verdicts_muted += 1
             else:
                 kept.append(item)

@@ -108,6 +108,45 @@ def test_muted_device_verdicts_are_counted_not_published(tmp_path: Path) -> None
     assert pipeline.counters.verdicts_muted == 1
 
 
+def test_topic_override_applies_to_a_device_first_seen_by_its_availability(
+    tmp_path: Path,
+) -> None:
+    """zigbee2mqtt's retained availability arrives before any reading.
+
+    The device's topic is its first telemetry topic, so a topic override
+    written for `zigbee2mqtt/<name>` still selects it.
+    """
+    pipeline = _pipeline(
+        tmp_path, overrides=[{"topic": "zigbee2mqtt/plug", "ignore": True}]
+    )
+    availability = Message(
+        "zigbee2mqtt/plug/availability", b'{"state":"online"}', 0.0, retain=True
+    )
+    pipeline.process([availability])
+
+    assert _raised(pipeline, "zigbee2mqtt/plug") == []
+    assert pipeline.counters.ignored_by_override == READINGS
+    assert not pipeline.tracks("plug")
+
+
+def test_mute_holds_back_raises_but_never_a_clear(tmp_path: Path) -> None:
+    """A clear swallowed by a mute would leave the alarm standing for good."""
+    pipeline = _pipeline(
+        tmp_path,
+        detection={**ALWAYS_ALARM, "clear_after": 3},
+        overrides=[{"device": "plug", "mute": True}],
+    )
+    assert _raised(pipeline, "zigbee2mqtt/plug") == []
+    settings = settings_from_mapping(
+        {"overrides": [{"device": "plug", "fused_threshold": 1.0, "mute": True}]}
+    )
+    pipeline.apply_overrides(OverrideTable(settings.overrides))
+
+    later = pipeline.process(_readings("zigbee2mqtt/plug", count=10, start=1000.0))
+
+    assert [v.state for v in later.verdicts] == [Transition.CLEARED]
+
+
 @pytest.mark.parametrize(
     ("start", "end", "moment", "covered"),
     [
