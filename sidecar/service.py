@@ -345,7 +345,6 @@ class Service:
         housekeeping = (
             self._run_requests,
             self._apply_feedback,
-            self._adopt_retained,
             self._restore_standing,
             self._retry_unsent,
             self._tick_discovery,
@@ -356,19 +355,27 @@ class Service:
                 self._shed_queued()
                 return
             batch = self._next_batch(batch_size)
+            # Alarms a previous run left retained are taken over before the
+            # batch: the broker replays them first (`anomalies/...` before
+            # device topics), and a replayed `offline` availability handled
+            # before its adopted alarm would raise it again, as new.
+            self._guarded(self._adopt_retained)
             if batch:
                 self._handle(batch)
             elif self._stop.is_set():
                 return
             for step in housekeeping:
-                try:
-                    step()
-                except Exception:  # noqa: BLE001 - the worker must outlive any step
-                    # Each step reads what others send (retained messages,
-                    # feedback, broker counters); a bug or a hostile input
-                    # there must not end the worker, which scores everything.
-                    self.pipeline.counters.worker_errors += 1
-                    _LOG.exception("worker step failed step=%s", step.__name__)
+                self._guarded(step)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - the worker must outlive any step
+            # Each step reads what others send (retained messages, feedback,
+            # broker counters); a bug or a hostile input there must not end
+            # the worker, which scores everything.
+            self.pipeline.counters.worker_errors += 1
+            _LOG.exception("worker step failed step=%s", step.__name__)
 
     def _tick_discovery(self) -> None:
         if self.discovery is not None:

@@ -19,7 +19,7 @@ from sidecar.conditions import ConditionKind, ConditionVerdict
 from sidecar.config import Settings, settings_from_mapping
 from sidecar.detector import LoadedModels, load_cascade
 from sidecar.mqtt import MqttAdapter, PublishOutcome
-from sidecar.service import Service, verdict_topic
+from sidecar.service import Service, condition_topic, verdict_topic
 from sidecar.stream import Message
 from sidecar.verdicts import Transition, Verdict
 
@@ -31,6 +31,8 @@ MESSAGES_TO_SCORE = 230
 # A verdict crosses sidecar and broker in milliseconds; this only bounds a
 # failing test.
 VERDICT_TIMEOUT_S = 20.0
+# How long to watch for a message that must not come.
+QUIET_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -416,6 +418,35 @@ def test_service_sends_a_refused_verdict_again_until_the_client_takes_it(
     sent = [json.loads(m.payload) for m in seen if m.topic == verdicts]
     assert sent[0]["state"] == "raised"
     assert counters["publish_failures"] == 1
+
+
+def test_service_restart_does_not_raise_again_an_offline_it_took_over(
+    broker: BrokerAddress,
+) -> None:
+    """A retained `offline` availability and our retained alarm for it.
+
+    On a restart the broker replays both; the alarm is taken over first, so
+    the availability changes nothing and no fresh `raised` notifies again.
+    """
+    device = "offline_plug"
+    topic = condition_topic("anomalies", device, ConditionKind.OFFLINE)
+    left = ConditionVerdict(
+        device, ConditionKind.OFFLINE, Transition.RAISED, time.time() - 60, 0.0
+    )
+    publish(broker, f"zigbee2mqtt/{device}/availability", b"offline", retain=True)
+    publish(broker, topic, left.to_json(), qos=1, retain=True)
+    running = contextlib.contextmanager(_running)
+    with MessageCollector(broker, topic) as seen, running(_settings(broker)) as svc:
+        deadline = time.monotonic() + VERDICT_TIMEOUT_S
+        while svc.counters["availability"] < 1 or svc.counters["alarms_adopted"] < 1:
+            assert time.monotonic() < deadline, svc.counters
+            time.sleep(0.05)
+        time.sleep(QUIET_S)
+        messages = [m for m in seen.messages if m.topic == topic]
+
+    # Only the broker's replay of the retained alarm, nothing published anew.
+    assert messages
+    assert all(m.retain for m in messages)
 
 
 def _cleared_topics(seen: list[ReceivedMessage]) -> set[str]:
