@@ -318,6 +318,10 @@ class DeviceWatch:
         if online and math.isfinite(self.offline_since):
             since = self.offline_since
             self.offline_since = math.nan
+            if math.isfinite(self.last_seen):
+                # Silence is judged from here: the time spent announced
+                # offline is not the device failing to report.
+                self.last_seen = max(self.last_seen, at)
             return ConditionVerdict(
                 device,
                 ConditionKind.OFFLINE,

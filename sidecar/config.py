@@ -175,6 +175,12 @@ class BrokerSettings(_Frozen):
                 f"broker.password, or in {ENV_USERNAME} and {ENV_PASSWORD}"
             )
             raise ValueError(message)
+        if host.count(":") == 1:
+            # One colon is `host:port`; IPv6 addresses hold several.
+            message = (
+                "must be a host name or IP address alone; put the port in broker.port"
+            )
+            raise ValueError(message)
         return host
 
 

@@ -259,6 +259,21 @@ def test_offline_device_is_not_also_called_silent(models: LoadedModels) -> None:
     assert pipeline.check(5 * HOUR_S) == []
 
 
+def test_device_back_online_is_judged_silent_from_its_return(
+    models: LoadedModels,
+) -> None:
+    """The hours spent announced offline are not counted as silence after it."""
+    pipeline = _pipeline(models)
+    _feed(pipeline, _every("zigbee2mqtt/door", 0.0, 60.0, 12))
+    _feed(pipeline, [Message("zigbee2mqtt/door/availability", b"offline", 700.0)])
+    back = 5 * HOUR_S
+    _feed(pipeline, [Message("zigbee2mqtt/door/availability", b"online", back)])
+
+    # A minute after coming back, well within its rhythm (silent after 5 min).
+    assert pipeline.check(back + 60.0) == []
+    assert [v.kind for v in pipeline.check(back + HOUR_S)] == [ConditionKind.SILENT]
+
+
 def test_unknown_availability_payload_changes_nothing(models: LoadedModels) -> None:
     """Test that an availability topic with an unknown word is only counted."""
     pipeline = _pipeline(models)

@@ -732,3 +732,10 @@ def test_settings_from_mapping_reports_every_bad_subscribe_filter() -> None:
     assert "'x+'" in _problem_for(problems, "subscribe.include.1")
     assert "'+bad'" in _problem_for(problems, "subscribe.exclude.0")
     assert len(problems) == 3
+
+
+def test_settings_from_mapping_broker_host_with_a_port_names_broker_port() -> None:
+    problems = _problems({"broker": {"host": "127.0.0.1:18977"}})
+
+    assert "put the port in broker.port" in _problem_for(problems, "broker.host")
+    assert settings_from_mapping({"broker": {"host": "::1"}}).broker.host == "::1"
