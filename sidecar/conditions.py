@@ -427,6 +427,28 @@ class DeviceWatch:
             kinds.append(ConditionKind.OFFLINE)
         return kinds
 
+    def drop(
+        self, device: str, kind: ConditionKind, at: float, why: str
+    ) -> ConditionVerdict | None:
+        """Stop holding a raised condition (it is no longer watched); its clear."""
+        since = {
+            ConditionKind.SILENT: self.silent_since,
+            ConditionKind.FROZEN: self.frozen_since,
+            ConditionKind.UNAVAILABLE: self.unavailable_since,
+            ConditionKind.OFFLINE: self.offline_since,
+        }[kind]
+        if kind not in self.raised():
+            return None
+        if kind is ConditionKind.SILENT:
+            self.silent_since = math.nan
+        elif kind is ConditionKind.FROZEN:
+            self.frozen_keys, self.frozen_since = (), math.nan
+        elif kind is ConditionKind.UNAVAILABLE:
+            self.unavailable_keys, self.unavailable_since = (), math.nan
+        else:
+            self.offline_since = math.nan
+        return ConditionVerdict(device, kind, Transition.CLEARED, at, since, detail=why)
+
     def _key(self, key: str, max_keys: int) -> _KeyWatch | None:
         watch = self.keys.get(key)
         if watch is None and len(self.keys) < max_keys:

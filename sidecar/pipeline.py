@@ -505,6 +505,33 @@ class Pipeline:
         for device, tracked in self._devices.items():
             tracked.rules = overrides.resolve(device, tracked.topic)
 
+    def clear_unwatched(self, at: float) -> BatchResult:
+        """Clear what a reload stopped watching: ignored devices, conditions off.
+
+        A restart clears them while taking over the previous run's alarms;
+        a live reload must not leave them standing either.
+        """
+        result = BatchResult()
+        for device, tracked in self._devices.items():
+            ignored = tracked.rules.ignore
+            if ignored and self.lifecycle.in_alarm(device):
+                self.lifecycle.forget(device)
+                self.counters.verdicts_cleared += 1
+                note = "no longer watched: ignored by an override"
+                result.verdicts.append(self._note_verdict(device, tracked, at, note))
+            for kind in tracked.watch.raised():
+                if ignored or not getattr(self.conditions, kind.value).enabled:
+                    why = (
+                        "no longer watched: ignored by an override"
+                        if ignored
+                        else f"{kind.value} no longer watched"
+                    )
+                    change = tracked.watch.drop(device, kind, at, why)
+                    if change is not None:
+                        result.conditions.append(change)
+        self._count_conditions(result.conditions)
+        return result
+
     def device_for_segment(self, segment: str) -> str | None:
         """The tracked device whose verdict topic level is `segment`, if any."""
         if self._segments is None:

@@ -423,6 +423,7 @@ class Service:
         def apply() -> None:
             self.pipeline.apply_overrides(OverrideTable(settings.overrides))
             self.pipeline.conditions = settings.conditions
+            self._publish(self.pipeline.clear_unwatched(time.time()))
             logging.getLogger().setLevel(settings.logging.level)
             # What runs now; the next reload is compared with it.
             self.settings = self.settings.model_copy(

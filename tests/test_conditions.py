@@ -274,6 +274,24 @@ def test_device_back_online_is_judged_silent_from_its_return(
     assert [v.kind for v in pipeline.check(back + HOUR_S)] == [ConditionKind.SILENT]
 
 
+def test_reload_clears_conditions_no_longer_watched(models: LoadedModels) -> None:
+    """Switching a condition off live clears what it raised, as a restart does."""
+    pipeline = _pipeline(models)
+    _feed(pipeline, [Message("zigbee2mqtt/door/availability", b"offline", 10.0)])
+    pipeline.conditions = settings_from_mapping(
+        {"conditions": {"offline": {"enabled": False}}}
+    ).conditions
+
+    result = pipeline.clear_unwatched(20.0)
+    again = pipeline.clear_unwatched(30.0)
+
+    assert [(v.device, v.kind, v.state) for v in result.conditions] == [
+        ("door", ConditionKind.OFFLINE, Transition.CLEARED)
+    ]
+    assert "no longer watched" in result.conditions[0].reason()
+    assert again.conditions == []
+
+
 def test_unknown_availability_payload_changes_nothing(models: LoadedModels) -> None:
     """Test that an availability topic with an unknown word is only counted."""
     pipeline = _pipeline(models)
