@@ -501,6 +501,16 @@ class HealthSettings(_Frozen):
     # subscribers (Mosquitto's $SYS, mosquitto(8)); empty = not watched.
     broker_dropped_topic: str = "$SYS/broker/publish/messages/dropped"
 
+    @field_validator("broker_dropped_topic")
+    @classmethod
+    def _one_topic(cls, topic: str) -> str:
+        # Compared with each message's topic as it is, so a filter would
+        # never match and the drops would go unwatched without a word.
+        if "+" in topic or "#" in topic:
+            message = "must be one topic name, without + or # wildcards"
+            raise ValueError(message)
+        return topic
+
 
 class MetricsSettings(_Frozen):
     """The Prometheus endpoint (`/metrics`); off unless enabled."""

@@ -759,8 +759,7 @@ class Pipeline:
             self.counters.verdicts_cleared += 1
             self._evicted.append(self._note_verdict(device, old, now, note))
         for kind in old.watch.raised():
-            self._conditions.append(
-                ConditionVerdict(
-                    device, kind, Transition.CLEARED, now, now, detail=note
-                )
-            )
+            # Cleared with the time the condition began, so its duration holds.
+            cleared = old.watch.drop(device, kind, now, note)
+            if cleared is not None:
+                self._conditions.append(cleared)

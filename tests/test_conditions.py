@@ -315,6 +315,8 @@ def test_evicted_device_gets_its_raised_conditions_cleared(
         ("door", ConditionKind.OFFLINE, Transition.CLEARED)
     ]
     assert "no longer tracked" in found[0].reason()
+    # Since the offline began, not since the eviction.
+    assert found[0].since == 1.0
     assert pipeline.counters.devices_evicted == 1
 
 

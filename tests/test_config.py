@@ -739,3 +739,11 @@ def test_settings_from_mapping_broker_host_with_a_port_names_broker_port() -> No
 
     assert "put the port in broker.port" in _problem_for(problems, "broker.host")
     assert settings_from_mapping({"broker": {"host": "::1"}}).broker.host == "::1"
+
+
+def test_settings_from_mapping_broker_dropped_topic_must_be_one_topic() -> None:
+    problems = _problems({"health": {"broker_dropped_topic": "$SYS/#"}})
+
+    assert "without + or # wildcards" in _problem_for(
+        problems, "health.broker_dropped_topic"
+    )
