@@ -83,7 +83,7 @@ class Counters:
     verdicts_muted: int = 0
     feedback_marks: int = 0
     # Feedback for a topic level no tracked device has, or in words other
-    # than false_positive and reset; counted, and logged once per pass.
+    # than false_positive and reset; counted, and logged every 10 s at most.
     feedback_unknown: int = 0
     # Feedback dropped because more than service.FEEDBACK_QUEUE_SIZE waited.
     feedback_dropped: int = 0
