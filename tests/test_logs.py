@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import sidecar_process, wait_for_text
 from mqtt_helpers import BrokerAddress, publish
 
 pytestmark = pytest.mark.broker
@@ -36,25 +34,11 @@ def test_run_with_json_logging_writes_one_json_object_per_line(
         )
     )
     log = tmp_path / "sidecar.stderr"
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while "subscribed filters=" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    with sidecar_process(["run", "--config", str(config)], log) as process:
+        wait_for_text(log, "subscribed filters=", STARTUP_TIMEOUT_S)
         publish(mosquitto_broker, "zigbee2mqtt/plug", b'{"power": 12}')
         process.send_signal(signal.SIGTERM)
         code = process.wait(EXIT_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert code == 0

@@ -6,15 +6,13 @@ import datetime as dt
 import json
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cli_helpers import sidecar_process, wait_for_text
 from mqtt_helpers import BrokerAddress, MessageCollector, publish
 
 from sidecar.config import MuteWindow, Settings, settings_from_mapping
@@ -293,13 +291,6 @@ def test_feedback_topic_clears_a_raised_device_end_to_end(
     }
 
 
-def _wait_for_log(path: Path, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text():
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{path.read_text()}"
-        time.sleep(0.1)
-
-
 @pytest.mark.broker
 def test_run_reloads_config_and_models_without_restart(
     mosquitto_broker: BrokerAddress, tmp_path: Path
@@ -318,25 +309,18 @@ def test_run_reloads_config_and_models_without_restart(
     }
     config.write_text(yaml.safe_dump(base))
     log = tmp_path / "sidecar.stderr"
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        _wait_for_log(log, "subscribed filters=", STARTUP_TIMEOUT_S)
+    with sidecar_process(["run", "--config", str(config)], log) as process:
+        wait_for_text(log, "subscribed filters=", STARTUP_TIMEOUT_S)
 
         with_override = {**base, "overrides": [{"device": "garage_*", "ignore": True}]}
         config.write_text(yaml.safe_dump(with_override))
         process.send_signal(signal.SIGHUP)
-        _wait_for_log(
+        wait_for_text(
             log, "config applied changed=overrides overrides=1", RELOAD_TIMEOUT_S
         )
 
         config.write_text(yaml.safe_dump({**base, "limits": {"queue_size": -1}}))
-        _wait_for_log(
+        wait_for_text(
             log, "config not reloaded, the running one is kept", RELOAD_TIMEOUT_S
         )
         assert "limits.queue_size" in log.read_text()
@@ -345,18 +329,14 @@ def test_run_reloads_config_and_models_without_restart(
         document = json.loads(card.read_text())
         document["version"] = "hot-swapped"
         card.write_text(json.dumps(document))
-        _wait_for_log(log, "'rf': 'hot-swapped'", RELOAD_TIMEOUT_S)
+        wait_for_text(log, "'rf': 'hot-swapped'", RELOAD_TIMEOUT_S)
 
         as_json = {**with_override, "logging": {"level": "INFO", "format": "json"}}
         config.write_text(yaml.safe_dump(as_json))
-        _wait_for_log(log, '"changed": "logging"', RELOAD_TIMEOUT_S)
+        wait_for_text(log, '"changed": "logging"', RELOAD_TIMEOUT_S)
 
         process.send_signal(signal.SIGTERM)
         code = process.wait(EXIT_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
     assert code == 0, log.read_text()
     assert "Traceback" not in log.read_text()

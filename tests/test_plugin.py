@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from cli_helpers import sidecar_process, wait_for_text
 from conftest import free_port
 from mqtt_helpers import BrokerAddress, MessageCollector, publish
 
@@ -114,18 +115,9 @@ def test_broker_command_runs_the_sidecar_inside_and_stops_on_sigterm(
     config = tmp_path / "sidecar.yaml"
     config.write_text(yaml.safe_dump({"detection": ALWAYS_ALARM}))
     log = tmp_path / "broker.stderr"
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [*BROKER_COMMAND, "--port", str(port), "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while "broker with sidecar listening" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    args = ["broker", "--port", str(port), "--config", str(config)]
+    with sidecar_process(args, log) as process:
+        wait_for_text(log, "broker with sidecar listening", STARTUP_TIMEOUT_S)
         broker = BrokerAddress("127.0.0.1", port, "amqtt")
         with MessageCollector(broker, "anomalies/cli_plug") as output:
             for index in range(READINGS):
@@ -133,10 +125,6 @@ def test_broker_command_runs_the_sidecar_inside_and_stops_on_sigterm(
             output.wait_for(bool, timeout=VERDICT_TIMEOUT_S)
         process.send_signal(signal.SIGTERM)
         code = process.wait(EXIT_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
     assert code == 0, log.read_text()
     assert "Traceback" not in log.read_text()
